@@ -6,7 +6,7 @@
 
 Methods (everything else fixed: the location, the loss, lr, Adam, EOS-terminated targets):
 
-``bf_minibatch``  LocFT-BF: epochs over all N requests, mini-batches of ``--bf_batch_size`` (100)
+``bf_minibatch``  LocFT-BF: epochs over all N requests, mini-batches of ``--bf_batch_size`` (16 in the YAML; 100, the paper's, without it)
 ``bf_sample``     breadth-first with mini-batches of 1 (per-sample updates, same epochs)
 ``df``            depth-first: each request alone to convergence (≤ ``--df_steps`` steps), edits accumulate
 
