@@ -103,6 +103,7 @@ def test_study_recipes_run_and_resume(tmp_path, tiny_dir):
         "--model.lr=1e-2",
         "--data.path=demo",
         "--data.limit=3",
+        "--data.offset=0",  # the YAML samples CounterFact records 1000+
         "--eval.protocols=[generation,perplexity]",
         "--eval.ppl_texts=2",
         "--eval.max_new_tokens=3",

@@ -287,8 +287,12 @@ def test_limit_and_offset():
     assert [r.case_id for r in load_requests(path, limit=100)] == [7, 8, 9]
     # position-based ids stay absolute under an offset
     assert [r.case_id for r in load_requests(FIXTURE_FILES["zsre"], offset=1, limit=5)] == [1, 2]
-    with pytest.raises(ValueError, match="no edit requests"):
+    with pytest.raises(ValueError, match=r"no edit requests in .* \(3 records; offset=3, limit=None\)"):
         load_requests(path, offset=3)
+    records = [{"prompt": "p", "target_new": "t"}] * 2
+    with pytest.raises(ValueError, match=r"no edit requests in the given list \(2 records; offset=5") as err:
+        load_requests(records, offset=5)
+    assert "'prompt'" not in str(err.value)  # names the source, does not dump it
     with pytest.raises(ValueError, match="no edit requests"):
         load_requests(path, limit=0)
 

@@ -153,7 +153,8 @@ class EditDataModule(L.LightningDataModule):
                 require_subject=hp.require_subject,
                 skip_invalid=hp.skip_invalid,
             )
-            log.info("%d edit requests from %s", len(self.requests), "demo set" if hp.path in (None, "demo") else hp.path)
+            origin = "the given requests" if self._given is not None else "demo set" if hp.path in (None, "demo") else hp.path
+            log.info("%d edit requests from %s", len(self.requests), origin)
         return self.requests
 
     def setup(self, stage: Optional[str] = None) -> None:

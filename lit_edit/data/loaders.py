@@ -275,9 +275,11 @@ def load_requests(
     if schema is not None and schema not in SCHEMAS:
         raise ValueError(f"unknown schema {schema!r}; known: {sorted(SCHEMAS)}")
     records = _records(source, split)
+    total = len(records)
     records = records[offset:] if limit is None else records[offset : offset + limit]
     if not records:
-        raise ValueError(f"no edit requests in {source!r} (offset={offset}, limit={limit})")
+        where = repr(source) if isinstance(source, (str, Path)) else f"the given {type(source).__name__}"
+        raise ValueError(f"no edit requests in {where} ({total} records; offset={offset}, limit={limit})")
     out: list[EditRequest] = []
     skipped: list[str] = []
     convert = None
