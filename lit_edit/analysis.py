@@ -169,6 +169,16 @@ def _pyplot():
     return plt
 
 
+def _save(plt: Any, fig: Any, path: Path, title: str) -> Path:
+    """Title, lay out, write (PNG) and close a figure."""
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
 def heatmap(
     rows: list[dict[str, Any]],
     metrics: Sequence[str],
@@ -199,12 +209,7 @@ def heatmap(
                 if math.isfinite(v):
                     ax.text(j, i, f"{v:.2f}" if v < 100 else f"{v:.0f}", ha="center", va="center", fontsize=7, color="w")
         fig.colorbar(im, ax=ax, fraction=0.046)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return _save(plt, fig, path, title)
 
 
 def line_plot(
@@ -229,12 +234,7 @@ def line_plot(
         ax.set_title(metric, fontsize=9)
         ax.set_xlabel(x_key)
     axes[0][0].legend(fontsize=7)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return _save(plt, fig, path, title)
 
 
 def _figure_name(figures: dict[str, float], short: str) -> str:
