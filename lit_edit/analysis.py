@@ -121,14 +121,35 @@ def fit_and_score(
     return figures
 
 
-def edit_score(row: dict[str, Any], ppl_before: float, ppl_tolerance: float = 0.10) -> float:
-    """Harmonic mean of reliability, generalization and locality; 0 if perplexity rose > tolerance."""
-    values = [float(row[k]) for k in ("reliability", "generalization", "locality")]
-    if any(v <= 0 for v in values):
+def edit_score(
+    row: dict[str, Any],
+    ppl_before: float,
+    ppl_tolerance: float = 0.10,
+    locality_key: str = "locality",
+) -> float:
+    """Harmonic mean of reliability, generalization and locality; 0 if perplexity rose > tolerance.
+
+    ``locality_key`` names the row's locality figure (``locality`` is the study's headline one,
+    e.g. generation agreement; ``tok_acc/locality`` the teacher-forced token agreement). A
+    missing or non-numeric figure gives ``nan``: the row cannot be ranked.
+    """
+    values = [_number(row.get(key)) for key in ("reliability", "generalization", locality_key, "perplexity")]
+    if any(math.isnan(v) for v in values):
+        return math.nan
+    *scores, ppl = values
+    if any(v <= 0 for v in scores):
         return 0.0
-    if float(row["perplexity"]) > ppl_before * (1 + ppl_tolerance):
+    if ppl > ppl_before * (1 + ppl_tolerance):
         return 0.0
-    return len(values) / sum(1 / v for v in values)
+    return len(scores) / sum(1 / v for v in scores)
+
+
+def _number(value: Any) -> float:
+    """``value`` as a float; ``nan`` for a missing or empty cell (a column older runs lack)."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
 
 
 def _fmt(value: Any) -> str:
@@ -196,7 +217,7 @@ def heatmap(
     for ax, metric in zip(axes[0], metrics):
         grid = [[math.nan for _ in col_labels] for _ in row_labels]
         for r in rows:
-            grid[row_labels.index(str(r[row_key]))][col_labels.index(int(r[col_key]))] = float(r[metric])
+            grid[row_labels.index(str(r[row_key]))][col_labels.index(int(r[col_key]))] = _number(r.get(metric))
         cmap = "viridis_r" if metric == "perplexity" else "viridis"
         im = ax.imshow(grid, aspect="auto", cmap=cmap)
         ax.set_xticks(range(len(col_labels)), [str(c) for c in col_labels])

@@ -10,7 +10,10 @@ between) and is scored after all edits with generation exact match (reliability,
 generalization, locality agreement with the unedited model) and held-out perplexity. Writes
 ``locations.csv``, ``locations.md`` and ``locations.png`` under ``--out_dir`` and prints the
 recommended location: the best harmonic mean of reliability, generalization and locality among
-locations whose perplexity rose by at most ``--ppl_tolerance``. Finished locations are appended
+locations whose perplexity rose by at most ``--ppl_tolerance``. The locality in that score is
+``--score_locality``: teacher-forced token agreement with the unedited model (``token_accuracy``,
+the default when that protocol runs) or 32-token greedy-continuation agreement (``generation``),
+which small models rarely keep exactly after any edit and so ranks poorly. Finished locations are appended
 to the CSV as they end; rerunning the same command resumes the sweep.
 """
 
@@ -50,6 +53,12 @@ def main(args: Optional[list[str]] = None) -> list[dict]:
     parser.add_argument("--layers", type=Optional[list[int]], default=None, help="Blocks to visit (default: 8 evenly spaced).")
     parser.add_argument("--modules", type=list[str], default=list(LOCATION_KINDS), help=f"Locations inside a block: {LOCATION_KINDS}.")
     parser.add_argument("--ppl_tolerance", type=float, default=0.10, help="Largest relative perplexity rise a recommended location may cause.")
+    parser.add_argument(
+        "--score_locality",
+        type=str,
+        default="auto",
+        help="Locality figure of the recommendation score: token_accuracy, generation, or auto (token_accuracy when that protocol runs).",
+    )
     parser.add_argument("--out_dir", type=str, default="results/locate", help="Where the table and heatmap go.")
     cfg = parser.parse_args(args)
     unknown = [m for m in cfg.modules if m not in LOCATION_KINDS]
@@ -58,6 +67,7 @@ def main(args: Optional[list[str]] = None) -> list[dict]:
 
     L.seed_everything(cfg.seed_everything)
     init = parser.instantiate_classes(cfg)
+    locality_key = _score_locality_key(parser, cfg.score_locality, init.eval.protocols)
     base: LocFTBF = init.model
     hf_model, tokenizer, arch = base.model, base.tokenizer, base.arch
     n_layers = base.num_layers
@@ -84,31 +94,52 @@ def main(args: Optional[list[str]] = None) -> list[dict]:
         editor = LocFTBF(model=hf_model, tokenizer=tokenizer, **{**hparams, **location_mask(arch, module, layer)})
         figures = fit_and_score(editor, requests, datamodule, evaluator, reference, vars(cfg.trainer))
         row = study_row(figures, module=module, layer=layer)
-        row["score"] = edit_score(row, ref["perplexity"], cfg.ppl_tolerance)
+        row["score"] = edit_score(row, ref["perplexity"], cfg.ppl_tolerance, locality_key)
         table.add(row)
         log.info("  reliability %.3f generalization %.3f locality %.3f perplexity %.2f",
                  row["reliability"], row["generalization"], row["locality"], row["perplexity"])
 
     rows = [r for r in table.rows if r["module"] in cfg.modules and int(r["layer"]) in layers]
     for r in rows:
-        r["score"] = edit_score(r, ref["perplexity"], cfg.ppl_tolerance)
+        r["score"] = edit_score(r, ref["perplexity"], cfg.ppl_tolerance, locality_key)
     columns = ["module", "layer", "reliability", "generalization", "locality", "perplexity", "score", "edit_seconds"]
+    if locality_key != "locality":
+        columns.insert(columns.index("locality") + 1, locality_key)
     title = f"LocFT-BF tuning locations on {base.base_model_name}, {len(requests)} requests (after-all, {protocol_label(evaluator)})"
+    ref = {**ref, locality_key: before.get(locality_key, ref["locality"])}
     unedited = {"module": "(unedited)", "layer": "-", **ref}
     text = write_markdown([unedited] + rows, columns, out / "locations.md", title)
-    heatmap(rows, ["reliability", "generalization", "locality", "perplexity"], out / "locations.png", reference=ref, title=title)
+    shown = list(dict.fromkeys(["reliability", "generalization", "locality", locality_key, "perplexity"]))
+    heatmap(rows, shown, out / "locations.png", reference=ref, title=title)
     print(text)
-    best = max(rows, key=lambda r: (float(r["score"]), -float(r["perplexity"])), default=None)
-    if best is None or float(best["score"]) <= 0 or math.isnan(float(best["score"])):
-        print("No location met the perplexity tolerance; see the table.")
+    ranked = [r for r in rows if not math.isnan(float(r["score"]))]
+    if len(ranked) < len(rows):
+        unranked = [f"{r['module']}@{r['layer']}" for r in rows if r not in ranked]
+        print(f"Not ranked (no {locality_key!r} figure; rerun them with --out_dir elsewhere): {', '.join(unranked)}")
+    best = max(ranked, key=lambda r: (float(r["score"]), -float(r["perplexity"])), default=None)
+    if best is None or float(best["score"]) <= 0:
+        print(f"No location met the perplexity tolerance with every score term > 0 (locality = {locality_key}); see the table.")
     else:
         print(
             f"Recommended location: {best['module']} of block {best['layer']} "
             f"(reliability {float(best['reliability']):.3f}, generalization {float(best['generalization']):.3f}, "
-            f"locality {float(best['locality']):.3f}, perplexity {float(best['perplexity']):.2f} vs {ref['perplexity']:.2f})"
+            f"{locality_key} {float(best[locality_key]):.3f}, perplexity {float(best['perplexity']):.2f} vs {ref['perplexity']:.2f})"
         )
     print(f"Wrote {out / 'locations.csv'}, {out / 'locations.md'}, {out / 'locations.png'}")
     return rows
+
+
+def _score_locality_key(parser, choice: str, protocols) -> str:
+    """The table column the recommendation score reads as locality."""
+    if choice == "auto":
+        choice = "token_accuracy" if "token_accuracy" in protocols else "generation"
+    if choice not in ("token_accuracy", "generation"):
+        parser.error(f"--score_locality {choice!r}: choose token_accuracy, generation or auto")
+    if choice not in protocols:
+        parser.error(f"--score_locality {choice} needs the {choice!r} evaluation protocol; --eval.protocols is {list(protocols)}")
+    if choice == "token_accuracy" and "generation" in protocols:
+        return "tok_acc/locality"  # 'locality' holds the generation agreement then
+    return "locality"
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -96,7 +97,7 @@ def test_every_shipped_yaml_parses_against_its_recipe(yaml_path, capsys):
         assert printed["model"][key] == value, key
 
 
-def test_study_recipes_run_and_resume(tmp_path, tiny_dir):
+def test_study_recipes_run_and_resume(tmp_path, tiny_dir, capsys):
     locate = load_recipe("locate")
     args = [
         f"--model.model={tiny_dir}",
@@ -104,7 +105,7 @@ def test_study_recipes_run_and_resume(tmp_path, tiny_dir):
         "--data.path=demo",
         "--data.limit=3",
         "--data.offset=0",  # the YAML samples CounterFact records 1000+
-        "--eval.protocols=[generation,perplexity]",
+        "--eval.protocols=[generation,token_accuracy,perplexity]",
         "--eval.ppl_texts=2",
         "--eval.max_new_tokens=3",
         "--trainer.max_epochs=2",
@@ -115,6 +116,10 @@ def test_study_recipes_run_and_resume(tmp_path, tiny_dir):
         f"--out_dir={tmp_path / 'locate'}",
     ]
     rows = locate.main(args)
+    printed = capsys.readouterr().out
+    assert all(0.0 <= float(r["tok_acc/locality"]) <= 1.0 for r in rows)  # the score's locality
+    assert "tok_acc/locality" in printed.split("Wrote")[0]  # a column of the printed table
+    assert "Recommended location" in printed or "locality = tok_acc/locality" in printed
     assert {(r["module"], int(r["layer"])) for r in rows} == {(m, l) for m in ("mlp_down", "attn_out") for l in (0, 1)}
     assert (tmp_path / "locate" / "locations.png").stat().st_size > 0
     csv_before = (tmp_path / "locate" / "locations.csv").read_text()
@@ -131,3 +136,27 @@ def test_study_recipes_run_and_resume(tmp_path, tiny_dir):
     assert (tmp_path / "study" / "bf_vs_df.png").exists()
     unedited = next(r for r in rows if r["method"] == "unedited")
     assert float(unedited["locality"]) == 1.0  # the reference agrees with itself
+
+
+def test_edit_score_matches_hand_computed_values():
+    from lit_edit.analysis import edit_score
+
+    row = {"reliability": "1.0", "generalization": "0.5", "locality": "0.0", "tok_acc/locality": "0.25", "perplexity": "10.5"}
+    assert edit_score(row, ppl_before=10.0, locality_key="tok_acc/locality") == pytest.approx(3 / (1 + 2 + 4))
+    assert edit_score(row, ppl_before=10.0) == 0.0  # generation agreement 0: nothing to rank
+    assert edit_score(row, ppl_before=9.0, locality_key="tok_acc/locality") == 0.0  # perplexity +17% > 10%
+    assert math.isnan(edit_score({**row, "tok_acc/locality": ""}, 10.0, locality_key="tok_acc/locality"))  # older row
+
+
+def test_locate_score_locality_needs_its_protocol(tmp_path, tiny_dir, capsys):
+    locate = load_recipe("locate")
+    with pytest.raises(SystemExit):
+        locate.main([
+            f"--model.model={tiny_dir}",
+            "--data.path=demo",
+            "--data.offset=0",
+            "--eval.protocols=[token_accuracy,perplexity]",
+            "--score_locality=generation",
+            f"--out_dir={tmp_path}",
+        ])
+    assert "--score_locality generation needs the 'generation' evaluation protocol" in capsys.readouterr().err
