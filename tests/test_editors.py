@@ -218,6 +218,30 @@ def test_breadth_first_resume_at_epoch_boundary_matches(tokenizer, requests, tmp
     torch.testing.assert_close(dict(resumed.named_parameters())[DOWN1], dict(full.named_parameters())[DOWN1], rtol=0, atol=0)
 
 
+def test_resumed_fit_keeps_the_unedited_evaluation(tokenizer, requests, tmp_path):
+    """A fit resumed from a checkpoint compares with the unedited model, not the half-edited one."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lit_edit.evaluation import EditEvaluation
+
+    def run(epochs, ckpt=None, ckpt_dir=None):
+        model = make_tiny_llama(len(tokenizer))
+        ed = editor(model, tokenizer, min_loss=0.0)
+        ev = EditEvaluation(protocols=["probability", "token_accuracy"], print_table=False, summary_dir=str(tmp_path))
+        cbs = [ev] + ([ModelCheckpoint(dirpath=ckpt_dir, save_top_k=-1, every_n_epochs=1)] if ckpt_dir else [])
+        dm = EditDataModule(requests=list(requests), batch_size=2, shuffle=True, seed=3)
+        trainer(max_epochs=epochs, enable_checkpointing=bool(ckpt_dir), callbacks=cbs).fit(ed, datamodule=dm, ckpt_path=ckpt)
+        return ev
+
+    first = run(3, ckpt_dir=tmp_path / "ckpt")
+    assert first.after["tok_acc/reliability"] > first.before["tok_acc/reliability"]  # the edit moved it
+    resumed = run(4, ckpt=str(sorted((tmp_path / "ckpt").glob("*.ckpt"))[-1]))
+    assert resumed.before == first.before  # not re-measured on the partly edited model
+    assert resumed.reference.locality_argmax.keys() == first.reference.locality_argmax.keys()
+    for key, ids in first.reference.locality_argmax.items():
+        assert torch.equal(resumed.reference.locality_argmax[key], ids)
+
+
 def test_lora_variant_trains_adapter_and_merges_into_masked_tensor(tiny_llama, tokenizer, requests, tmp_path):
     before = snapshot(tiny_llama)
     ed = editor(tiny_llama, tokenizer, lora_rank=4, lr=1e-2)

@@ -171,6 +171,7 @@ class EditEvaluation(L.Callback):
         self._texts: Optional[list[str]] = None
         self._requests: list[EditRequest] = []
         self._seconds: dict[str, float] = {}
+        self._restored = False
 
     # ------------------------------------------------------------------ inputs
 
@@ -409,11 +410,53 @@ class EditEvaluation(L.Callback):
     def on_fit_start(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
         model, tokenizer = self._model_and_tokenizer(pl_module)
         self._requests = self._resolve_requests(trainer)
+        if self._restored:  # resumed fit: the model is already partly edited, keep the unedited figures
+            self._restored = False
+            if self.reference is not None and self.reference.num_requests != len(self._requests):
+                raise ValueError(
+                    f"the checkpoint's 'before' evaluation covers {self.reference.num_requests} requests, "
+                    f"this fit evaluates {len(self._requests)}: resume with the same data"
+                )
+            log.info("resuming: using the unedited-model evaluation stored in the checkpoint")
+            return
         log.info("evaluating the unedited model on %d requests (%s)", len(self._requests), ", ".join(self.protocols))
         started = time.perf_counter()
         self.reference = None
         self.before = self._evaluate(model, tokenizer, self._requests, None, trainer.global_rank, trainer.world_size)
         self._seconds["before"] = time.perf_counter() - started
+
+    def state_dict(self) -> dict[str, Any]:
+        """The unedited model's figures and reference, so a resumed fit compares with them."""
+        ref = self.reference
+        return {
+            "before": dict(self.before) if self.before is not None else None,
+            "seconds_before": self._seconds.get("before"),
+            "reference": None
+            if ref is None
+            else {
+                "num_requests": ref.num_requests,
+                "locality_argmax": [[prompt, answer, ids] for (prompt, answer), ids in ref.locality_argmax.items()],
+                "locality_generations": dict(ref.locality_generations),
+            },
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("before") is None:
+            return
+        self.before = dict(state_dict["before"])
+        if state_dict.get("seconds_before") is not None:
+            self._seconds["before"] = state_dict["seconds_before"]
+        ref = state_dict.get("reference")
+        self.reference = (
+            None
+            if ref is None
+            else EvaluationReference(
+                num_requests=ref["num_requests"],
+                locality_argmax={(prompt, answer): ids for prompt, answer, ids in ref["locality_argmax"]},
+                locality_generations=dict(ref["locality_generations"]),
+            )
+        )
+        self._restored = True
 
     def on_train_epoch_start(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
         self._immediate = {}  # immediate figures describe the last epoch
@@ -437,7 +480,7 @@ class EditEvaluation(L.Callback):
             self._immediate[name] = [total + value * len(batch), count + len(batch)]
 
     def on_fit_end(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
-        if self.before is None:  # fit started elsewhere (e.g. restored callback state): nothing to compare
+        if self.before is None:
             raise RuntimeError("EditEvaluation.on_fit_end ran without the 'before' evaluation of on_fit_start")
         model, tokenizer = self._model_and_tokenizer(pl_module)
         started = time.perf_counter()
