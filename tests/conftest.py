@@ -45,19 +45,23 @@ def tokenizer(embedded_dir):
     return tok
 
 
-def make_tiny_llama(vocab_size: int, seed: int = 0, layers: int = 2):
+def make_tiny_llama(vocab_size: int, seed: int = 0, layers: int = 2, **config):
+    """A 2-block random Llama; ``config`` overrides ``LlamaConfig`` fields (e.g. token ids)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
+        **{
+            "vocab_size": vocab_size,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": layers,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 256,
+            "tie_word_embeddings": True,
+            **config,
+        }
     )
     model = LlamaForCausalLM(cfg).eval()
     model.config.name_or_path = f"tiny-llama-seed{seed}"

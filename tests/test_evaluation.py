@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import make_tiny_llama
 from lit_edit.data.corpus import corpus_name, corpus_version, load_texts, wiki_texts
 from lit_edit.data.request import EditRequest, PromptAnswer
 from lit_edit.data.tokenize import encode_pairs, target_nll
@@ -45,22 +46,9 @@ def tok(tokenizer):
 
 
 def tiny_llama(tok, seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=512,
-        bos_token_id=None,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.eos_token_id,
-    )
-    return LlamaForCausalLM(config).eval()
+    """A tiny random Llama that stops at (and pads with) the tokenizer's EOS."""
+    ids = {"bos_token_id": None, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.eos_token_id}
+    return make_tiny_llama(len(tok), seed=seed, max_position_embeddings=512, **ids)
 
 
 @pytest.fixture(scope="module")
