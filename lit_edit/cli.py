@@ -155,3 +155,9 @@ def study_parser(editor_class: type, description: Optional[str], default_config:
     parser.add_argument("--trainer.enable_progress_bar", type=bool, default=True, help="Show per-run progress bars.")
     parser.add_argument("--seed_everything", type=int, default=0, help="Global seed.")
     return parser
+
+
+def instantiate_study(parser: Any, cfg: Any) -> Any:
+    """``cfg`` with its ``model``/``data``/``eval`` groups built (jsonargparse's ``instantiate``)."""
+    build = getattr(parser, "instantiate", None) or parser.instantiate_classes  # renamed in jsonargparse 4.49
+    return build(cfg)

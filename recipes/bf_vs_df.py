@@ -33,7 +33,7 @@ from lit_edit.analysis import (
     study_row,
     write_markdown,
 )
-from lit_edit.cli import study_parser
+from lit_edit.cli import instantiate_study, study_parser
 from lit_edit.data.datamodule import EditDataModule
 from lit_edit.editors.finetune import DepthFirstFT, LocFTBF
 
@@ -55,7 +55,7 @@ def main(args: Optional[list[str]] = None) -> list[dict]:
     if unknown:
         parser.error(f"unknown --methods {unknown}; choose from {list(METHODS)}")
     L.seed_everything(cfg.seed_everything)
-    init = parser.instantiate_classes(cfg)
+    init = instantiate_study(parser, cfg)
     base: LocFTBF = init.model
     hf_model, tokenizer = base.model, base.tokenizer
     evaluator = init.eval

@@ -38,7 +38,7 @@ from lit_edit.analysis import (
     study_row,
     write_markdown,
 )
-from lit_edit.cli import study_parser
+from lit_edit.cli import instantiate_study, study_parser
 from lit_edit.data.datamodule import EditDataModule
 from lit_edit.editors.finetune import LocFTBF
 from lit_edit.evaluation import EditEvaluation
@@ -66,7 +66,7 @@ def main(args: Optional[list[str]] = None) -> list[dict]:
         parser.error(f"unknown --modules {unknown}; choose from {list(LOCATION_KINDS)}")
 
     L.seed_everything(cfg.seed_everything)
-    init = parser.instantiate_classes(cfg)
+    init = instantiate_study(parser, cfg)
     locality_key = _score_locality_key(parser, cfg.score_locality, init.eval.protocols)
     base: LocFTBF = init.model
     hf_model, tokenizer, arch = base.model, base.tokenizer, base.arch
