@@ -228,7 +228,10 @@ def heatmap(
         for i, row in enumerate(grid):
             for j, v in enumerate(row):
                 if math.isfinite(v):
-                    ax.text(j, i, f"{v:.2f}" if v < 100 else f"{v:.0f}", ha="center", va="center", fontsize=7, color="w")
+                    level = float(im.norm(v))  # dark text on the bright (yellow) end of the colormap
+                    bright = level > 0.6 if cmap == "viridis" else level < 0.4
+                    label = f"{v:.2f}" if v < 100 else f"{v:.0f}"
+                    ax.text(j, i, label, ha="center", va="center", fontsize=7, color="k" if bright else "w")
         fig.colorbar(im, ax=ax, fraction=0.046)
     return _save(plt, fig, path, title)
 
