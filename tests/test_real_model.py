@@ -26,7 +26,7 @@ def test_locft_bf_edits_the_real_model_and_restores_it(smollm2, tmp_path):
     requests = demo_requests(limit=3)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     editor = LocFTBF(model=model, tokenizer=tokenizer, lr=1e-2)  # the default location for SmolLM2-135M
-    assert editor.masked_parameters().keys() == {"model.layers.4.mlp.down_proj.weight"}
+    assert editor.masked_parameters().keys() == {"model.layers.4.mlp.gate_proj.weight"}
     evaluation = EditEvaluation(protocols=["probability"], print_table=False, summary_dir=str(tmp_path))
     trainer = L.Trainer(
         max_epochs=25, accelerator="cpu", logger=False, enable_checkpointing=False,

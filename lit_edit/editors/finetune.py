@@ -44,13 +44,13 @@ __all__ = ["DepthFirstFT", "FineTuneEditor", "LocFTBF", "FT_DEFAULT_LOCATIONS", 
 
 #: Default tuning locations: (model_type, number of blocks) -> mask (+ optional lr).
 #: Published: Llama-3-8B block 22 ``down_proj``; Qwen2.5-7B block 6 ``down_proj``; Mistral-7B the
-#: whole block 23 at lr 5e-5. SmolLM2-135M (llama, 30 blocks): block 4 ``down_proj`` at lr 2e-3,
+#: whole block 23 at lr 5e-5. SmolLM2-135M (llama, 30 blocks): block 4 ``gate_proj`` at lr 2e-3,
 #: chosen by measurement (README, "Choosing the location").
 FT_DEFAULT_LOCATIONS: dict[tuple[str, int], dict[str, Any]] = {
     ("llama", 32): {"target_modules": ["mlp.down_proj"], "layers_to_transform": [22]},
     ("qwen2", 28): {"target_modules": ["mlp.down_proj"], "layers_to_transform": [6]},
     ("mistral", 32): {"target_modules": r".*layers\.23\.(self_attn|mlp)\.\w+_proj", "lr": 5e-5},
-    ("llama", 30): {"target_modules": ["mlp.down_proj"], "layers_to_transform": [4], "lr": 2e-3},
+    ("llama", 30): {"target_modules": ["mlp.gate_proj"], "layers_to_transform": [4], "lr": 2e-3},
 }
 
 
