@@ -31,6 +31,7 @@ __all__ = [
     "ResumableTable",
     "fit_and_score",
     "edit_score",
+    "study_column",
     "write_markdown",
     "heatmap",
     "line_plot",
@@ -279,6 +280,13 @@ def study_row(figures: dict[str, float], **key: Any) -> dict[str, Any]:
         if name not in used:
             row[name] = value
     return row
+
+
+def study_column(figures: dict[str, float], figure: str) -> str:
+    """The column of :func:`study_row` that holds ``figure``: its short name if it is the one the
+    study reports there (e.g. ``locality`` for ``gen_em/locality_agreement`` when generation
+    ran), else the figure's own name."""
+    return next((short for short in STUDY_FIGURES if _figure_name(figures, short) == figure), figure)
 
 
 def reference_row(figures: dict[str, float]) -> dict[str, float]:

@@ -11,10 +11,11 @@ generalization, locality agreement with the unedited model) and held-out perplex
 ``locations.csv``, ``locations.md`` and ``locations.png`` under ``--out_dir`` and prints the
 recommended location: the best harmonic mean of reliability, generalization and locality among
 locations whose perplexity rose by at most ``--ppl_tolerance``. The locality in that score is
-``--score_locality``: teacher-forced token agreement with the unedited model (``token_accuracy``,
-the default when that protocol runs) or 32-token greedy-continuation agreement (``generation``),
-which small models rarely keep exactly after any edit and so ranks poorly. Finished locations are appended
-to the CSV as they end; rerunning the same command resumes the sweep.
+``--score_locality``: teacher-forced token agreement with the unedited model
+(``token_accuracy``, the default when that protocol runs) or 32-token greedy-continuation
+agreement (``generation``), which small models rarely keep exactly after any edit and so ranks
+poorly. Finished locations are appended to the CSV as they end; rerunning the same command
+resumes the sweep.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from lit_edit.analysis import (
     heatmap,
     location_mask,
     reference_row,
+    study_column,
     study_row,
     write_markdown,
 )
@@ -67,7 +69,7 @@ def main(args: Optional[list[str]] = None) -> list[dict]:
 
     L.seed_everything(cfg.seed_everything)
     init = instantiate_study(parser, cfg)
-    locality_key = _score_locality_key(parser, cfg.score_locality, init.eval.protocols)
+    locality_figure = _score_locality_figure(parser, cfg.score_locality, init.eval.protocols)
     base: LocFTBF = init.model
     hf_model, tokenizer, arch = base.model, base.tokenizer, base.arch
     n_layers = base.num_layers
@@ -85,6 +87,8 @@ def main(args: Optional[list[str]] = None) -> list[dict]:
     before = evaluator.evaluate(hf_model, tokenizer, requests)
     reference = evaluator.reference
     ref = reference_row(before)
+    locality_key = study_column(before, locality_figure)  # its column in the table
+    ref[locality_key] = before[locality_figure]
     table = ResumableTable(out / "locations.csv", key=("module", "layer"))
     todo = [(m, layer) for m in cfg.modules for layer in layers if not table.done(module=m, layer=layer)]
     log.info("%d location(s) to run, %d already done", len(todo), len(table.rows))
@@ -106,16 +110,15 @@ def main(args: Optional[list[str]] = None) -> list[dict]:
     if locality_key != "locality":
         columns.insert(columns.index("locality") + 1, locality_key)
     title = f"LocFT-BF tuning locations on {base.base_model_name}, {len(requests)} requests (after-all, {protocol_label(evaluator)})"
-    ref = {**ref, locality_key: before.get(locality_key, ref["locality"])}
     unedited = {"module": "(unedited)", "layer": "-", **ref}
     text = write_markdown([unedited] + rows, columns, out / "locations.md", title)
     shown = list(dict.fromkeys(["reliability", "generalization", "locality", locality_key, "perplexity"]))
     heatmap(rows, shown, out / "locations.png", reference=ref, title=title)
     print(text)
-    ranked = [r for r in rows if not math.isnan(float(r["score"]))]
-    if len(ranked) < len(rows):
-        unranked = [f"{r['module']}@{r['layer']}" for r in rows if r not in ranked]
+    unranked = [f"{r['module']}@{r['layer']}" for r in rows if math.isnan(r["score"])]
+    if unranked:
         print(f"Not ranked (no {locality_key!r} figure; rerun them with --out_dir elsewhere): {', '.join(unranked)}")
+    ranked = [r for r in rows if not math.isnan(r["score"])]
     best = max(ranked, key=lambda r: (float(r["score"]), -float(r["perplexity"])), default=None)
     if best is None or float(best["score"]) <= 0:
         print(f"No location met the perplexity tolerance with every score term > 0 (locality = {locality_key}); see the table.")
@@ -129,17 +132,19 @@ def main(args: Optional[list[str]] = None) -> list[dict]:
     return rows
 
 
-def _score_locality_key(parser, choice: str, protocols) -> str:
-    """The table column the recommendation score reads as locality."""
+#: --score_locality choices: the evaluation protocol and the figure the score reads as locality.
+SCORE_LOCALITY = {"token_accuracy": "tok_acc/locality", "generation": "gen_em/locality_agreement"}
+
+
+def _score_locality_figure(parser, choice: str, protocols) -> str:
+    """The figure the recommendation score reads as locality; the protocol must be evaluated."""
     if choice == "auto":
         choice = "token_accuracy" if "token_accuracy" in protocols else "generation"
-    if choice not in ("token_accuracy", "generation"):
-        parser.error(f"--score_locality {choice!r}: choose token_accuracy, generation or auto")
+    if choice not in SCORE_LOCALITY:
+        parser.error(f"--score_locality {choice!r}: choose {', '.join(SCORE_LOCALITY)} or auto")
     if choice not in protocols:
         parser.error(f"--score_locality {choice} needs the {choice!r} evaluation protocol; --eval.protocols is {list(protocols)}")
-    if choice == "token_accuracy" and "generation" in protocols:
-        return "tok_acc/locality"  # 'locality' holds the generation agreement then
-    return "locality"
+    return SCORE_LOCALITY[choice]
 
 
 if __name__ == "__main__":

@@ -149,6 +149,17 @@ def test_edit_score_matches_hand_computed_values():
     assert math.isnan(edit_score({**row, "tok_acc/locality": ""}, 10.0, locality_key="tok_acc/locality"))  # older row
 
 
+def test_study_column_follows_the_study_row_mapping():
+    from lit_edit.analysis import study_column, study_row
+
+    both = {"gen_em/locality_agreement": 0.1, "tok_acc/locality": 0.4, "ppl/wiki": 17.0}
+    assert study_column(both, "gen_em/locality_agreement") == "locality"
+    assert study_column(both, "tok_acc/locality") == "tok_acc/locality"
+    assert study_column({"tok_acc/locality": 0.4}, "tok_acc/locality") == "locality"  # no generation: the headline one
+    row = study_row(both)
+    assert row[study_column(both, "tok_acc/locality")] == 0.4 and row[study_column(both, "gen_em/locality_agreement")] == 0.1
+
+
 def test_locate_score_locality_needs_its_protocol(tmp_path, tiny_dir, capsys):
     locate = load_recipe("locate")
     with pytest.raises(SystemExit):
