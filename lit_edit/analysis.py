@@ -244,18 +244,21 @@ def line_plot(
     x_key: str = "n_edits",
     series_key: str = "method",
     title: str = "",
-    reference: Optional[dict[str, float]] = None,
+    reference_series: Optional[str] = None,
 ) -> Path:
-    """One panel per metric: value against ``x_key``, a line per ``series_key``."""
+    """One panel per metric: value against ``x_key``, a line per ``series_key``.
+
+    Rows whose series is ``reference_series`` (e.g. the unedited model measured at each N) are
+    drawn as a grey dashed line.
+    """
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(metrics), figsize=(3.4 * len(metrics), 3.2), squeeze=False)
     series = list(dict.fromkeys(str(r[series_key]) for r in rows))
     for ax, metric in zip(axes[0], metrics):
         for s in series:
             pts = sorted((int(r[x_key]), float(r[metric])) for r in rows if str(r[series_key]) == s)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=s)
-        if reference and metric in reference:
-            ax.axhline(reference[metric], color="grey", linestyle="--", linewidth=1, label="unedited")
+            style = {"color": "grey", "linestyle": "--", "linewidth": 1} if s == reference_series else {}
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=s, **style)
         ax.set_title(metric, fontsize=9)
         ax.set_xlabel(x_key)
     axes[0][0].legend(fontsize=7)

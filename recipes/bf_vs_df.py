@@ -29,7 +29,6 @@ from lit_edit.analysis import (
     fit_and_score,
     line_plot,
     protocol_label,
-    reference_row,
     study_row,
     write_markdown,
 )
@@ -67,7 +66,6 @@ def main(args: Optional[list[str]] = None) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     table = ResumableTable(out / "bf_vs_df.csv", key=("method", "n_edits"))
     hparams = {k: v for k, v in vars(cfg.model).items() if k not in ("model", "tokenizer")}
-    references: dict[int, dict] = {}
 
     for n in sorted(cfg.n_edits):
         requests = all_requests[:n]
@@ -76,7 +74,6 @@ def main(args: Optional[list[str]] = None) -> list[dict]:
         log.info("N = %d: evaluating the unedited model", n)
         before = evaluator.evaluate(hf_model, tokenizer, requests)
         reference = evaluator.reference
-        references[n] = reference_row(before)
         if not table.done(method="unedited", n_edits=n):
             table.add(study_row(before, method="unedited", n_edits=n))
         for method in cfg.methods:
@@ -102,7 +99,8 @@ def main(args: Optional[list[str]] = None) -> list[dict]:
     text = write_markdown(rows, columns, out / "bf_vs_df.md", title)
     edited = [r for r in rows if r["method"] != "unedited"]
     if edited:
-        line_plot(edited, ["reliability", "generalization", "locality", "perplexity"], out / "bf_vs_df.png", title=title)
+        metrics = ["reliability", "generalization", "locality", "perplexity"]
+        line_plot(rows, metrics, out / "bf_vs_df.png", title=title, reference_series="unedited")
     print(text)
     print(f"Wrote {out / 'bf_vs_df.csv'}, {out / 'bf_vs_df.md'}" + (f", {out / 'bf_vs_df.png'}" if edited else ""))
     return rows

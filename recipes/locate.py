@@ -15,13 +15,18 @@ locations whose perplexity rose by at most ``--ppl_tolerance``. The locality in 
 (``token_accuracy``, the default when that protocol runs) or 32-token greedy-continuation
 agreement (``generation``), which small models rarely keep exactly after any edit and so ranks
 poorly. Finished locations are appended to the CSV as they end; rerunning the same command
-resumes the sweep.
+resumes the sweep. The unedited model's figures are kept in ``unedited.json`` beside the table
+(with a fingerprint of the model, requests and evaluation settings), so rerunning a finished
+sweep to redraw it, or to rank it under another ``--ppl_tolerance``, evaluates nothing.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -83,15 +88,19 @@ def main(args: Optional[list[str]] = None) -> list[dict]:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
-    log.info("evaluating the unedited model on %d requests", len(requests))
-    before = evaluator.evaluate(hf_model, tokenizer, requests)
+    table = ResumableTable(out / "locations.csv", key=("module", "layer"))
+    todo = [(m, layer) for m in cfg.modules for layer in layers if not table.done(module=m, layer=layer)]
+    log.info("%d location(s) to run, %d already done", len(todo), len(table.rows))
+    unedited_cache = UneditedCache(out / "unedited.json", base.base_model_name, requests, evaluator)
+    before = None if todo else unedited_cache.load()  # a pure redraw needs only the figures
+    if before is None:
+        log.info("evaluating the unedited model on %d requests", len(requests))
+        before = evaluator.evaluate(hf_model, tokenizer, requests)
+        unedited_cache.save(before)
     reference = evaluator.reference
     ref = reference_row(before)
     locality_key = study_column(before, locality_figure)  # its column in the table
     ref[locality_key] = before[locality_figure]
-    table = ResumableTable(out / "locations.csv", key=("module", "layer"))
-    todo = [(m, layer) for m in cfg.modules for layer in layers if not table.done(module=m, layer=layer)]
-    log.info("%d location(s) to run, %d already done", len(todo), len(table.rows))
     hparams = {k: v for k, v in vars(cfg.model).items() if k not in ("model", "tokenizer", "target_modules", "layers_to_transform")}
     for i, (module, layer) in enumerate(todo, 1):
         log.info("[%d/%d] LocFT-BF at %s of block %d", i, len(todo), module, layer)
@@ -130,6 +139,36 @@ def main(args: Optional[list[str]] = None) -> list[dict]:
         )
     print(f"Wrote {out / 'locations.csv'}, {out / 'locations.md'}, {out / 'locations.png'}")
     return rows
+
+
+class UneditedCache:
+    """The unedited model's figures for one sweep (model, requests, evaluation settings), kept
+    beside the table so that redrawing a finished sweep does not evaluate the model again."""
+
+    def __init__(self, path: Path, model_name: str, requests, evaluator: EditEvaluation):
+        self.path = Path(path)
+        settings = {
+            "model": model_name,
+            "requests": [[r.case_id, r.prompt, r.target_new] for r in requests],
+            "protocols": {p: evaluator.protocol_description(p) for p in evaluator.protocols},
+        }
+        self.fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
+
+    def load(self) -> Optional[dict[str, float]]:
+        try:
+            stored = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return None
+        if stored.get("fingerprint") != self.fingerprint:
+            log.info("%s was measured with other settings; evaluating again", self.path)
+            return None
+        log.info("unedited figures from %s", self.path)
+        return {k: float(v) for k, v in stored["figures"].items()}
+
+    def save(self, figures: dict[str, float]) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "figures": figures}, indent=1))
+        os.replace(tmp, self.path)
 
 
 #: --score_locality choices: the evaluation protocol and the figure the score reads as locality.

@@ -123,9 +123,21 @@ def test_study_recipes_run_and_resume(tmp_path, tiny_dir, capsys):
     assert {(r["module"], int(r["layer"])) for r in rows} == {(m, l) for m in ("mlp_down", "attn_out") for l in (0, 1)}
     assert (tmp_path / "locate" / "locations.png").stat().st_size > 0
     csv_before = (tmp_path / "locate" / "locations.csv").read_text()
-    rows_again = locate.main(args)  # resumes: nothing left to run, nothing repeated
-    assert len(rows_again) == 4
-    assert (tmp_path / "locate" / "locations.csv").read_text().count("\n") == csv_before.count("\n")
+    table_before = printed.split("Wrote")[0]
+
+    from lit_edit.evaluation import EditEvaluation
+
+    def no_evaluation(*a, **k):
+        raise AssertionError("a finished sweep evaluated the model again")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(EditEvaluation, "evaluate", no_evaluation)
+        rows_again = locate.main(args)  # resumes: nothing left to run, nothing repeated or re-measured
+        assert len(rows_again) == 4
+        assert (tmp_path / "locate" / "locations.csv").read_text().count("\n") == csv_before.count("\n")
+        assert capsys.readouterr().out.split("Wrote")[0] == table_before  # same table and recommendation
+        with pytest.raises(AssertionError, match="evaluated the model again"):  # other settings: measured again
+            locate.main([a for a in args if not a.startswith("--eval.max_new_tokens")] + ["--eval.max_new_tokens=4"])
 
     study = load_recipe("bf_vs_df")
     rows = study.main(
