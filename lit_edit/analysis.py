@@ -118,6 +118,7 @@ def fit_and_score(
     figures = evaluator.evaluate(editor.model, editor.tokenizer, requests, reference=reference)
     figures["edit_seconds"] = seconds
     figures["epochs_run"] = float(trainer.current_epoch)
+    figures["optimizer_steps"] = float(getattr(editor, "optimizer_steps", math.nan))
     editor.restore()
     return figures
 

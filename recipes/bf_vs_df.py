@@ -94,7 +94,7 @@ def main(args: Optional[list[str]] = None) -> list[dict]:
 
     rows = [r for r in table.rows if int(r["n_edits"]) in cfg.n_edits and r["method"] in (*cfg.methods, "unedited")]
     rows.sort(key=lambda r: (int(r["n_edits"]), r["method"]))
-    columns = ["method", "n_edits", "reliability", "generalization", "locality", "perplexity", "edit_seconds", "epochs_run"]
+    columns = ["method", "n_edits", "reliability", "generalization", "locality", "perplexity", "edit_seconds", "epochs_run", "optimizer_steps"]
     title = f"Breadth-first vs depth-first on {base.base_model_name} (after-all, {protocol_label(evaluator)})"
     text = write_markdown(rows, columns, out / "bf_vs_df.md", title)
     edited = [r for r in rows if r["method"] != "unedited"]

@@ -115,7 +115,7 @@ def main(args: Optional[list[str]] = None) -> list[dict]:
     rows = [r for r in table.rows if r["module"] in cfg.modules and int(r["layer"]) in layers]
     for r in rows:
         r["score"] = edit_score(r, ref["perplexity"], cfg.ppl_tolerance, locality_key)
-    columns = ["module", "layer", "reliability", "generalization", "locality", "perplexity", "score", "edit_seconds"]
+    columns = ["module", "layer", "reliability", "generalization", "locality", "perplexity", "score", "edit_seconds", "optimizer_steps"]
     if locality_key != "locality":
         columns.insert(columns.index("locality") + 1, locality_key)
     title = f"LocFT-BF tuning locations on {base.base_model_name}, {len(requests)} requests (after-all, {protocol_label(evaluator)})"

@@ -147,6 +147,8 @@ def test_study_recipes_run_and_resume(tmp_path, tiny_dir, capsys):
     )
     assert {r["method"] for r in rows} == {"bf_minibatch", "bf_sample", "df", "unedited"}
     assert (tmp_path / "study" / "bf_vs_df.png").exists()
+    df = next(r for r in rows if r["method"] == "df")
+    assert 0 < float(df["optimizer_steps"]) <= 2 * 2  # N = 2 requests, at most --df_steps each
     unedited = next(r for r in rows if r["method"] == "unedited")
     assert float(unedited["locality"]) == 1.0  # the reference agrees with itself
 

@@ -330,3 +330,15 @@ def test_single_editing_with_immediate_evaluation(tiny_llama, tokenizer, request
     assert ev.after["prob/ES"] == 100.0 and ev.after["prob/EM"] > ev.before["prob/EM"]
     assert ev.after["tok_acc/reliability"] > ev.before["tok_acc/reliability"]
     assert ev.summary()["evaluation_timing"] == "immediate"
+
+
+def test_optimizer_steps_count_only_batches_that_step(tiny_llama, tokenizer, requests):
+    n_batches = -(-len(requests) // 2)
+    ed = fit(editor(tiny_llama, tokenizer, min_loss=0.0), requests, epochs=3, batch_size=2)
+    assert ed.optimizer_steps == 3 * n_batches
+    before = snapshot(tiny_llama)
+    ed = fit(editor(tiny_llama, tokenizer, min_loss=1e9), requests, epochs=3, batch_size=2)
+    assert ed.optimizer_steps == 0  # every batch is "converged": no step, no change
+    assert all(torch.equal(p, before[n]) for n, p in tiny_llama.named_parameters())
+    df = fit(editor(tiny_llama, tokenizer, cls=DepthFirstFT, min_loss=0.0, steps=3), requests, epochs=1, batch_size=1, shuffle=False)
+    assert df.optimizer_steps == 3 * len(requests)

@@ -131,6 +131,8 @@ class FineTuneEditor(Editor):
             self.hparams["element_masks"] = sorted(element_masks)
         self._trainable: dict[str, nn.Parameter] = {}
         self._prepared = False
+        #: Optimizer steps taken by the last fit (batches below ``min_loss`` take none).
+        self.optimizer_steps = 0
 
     # ------------------------------------------------------------------ configuration
 
@@ -248,6 +250,9 @@ class FineTuneEditor(Editor):
         """Per-request loss under this editor's settings (shape ``(B,)``)."""
         return ft_loss(self.model, self.tokenizer, requests, self.hparams["loss"], self.hparams["append_eos"])
 
+    def on_fit_start(self) -> None:
+        self.optimizer_steps = 0
+
     def on_fit_end(self) -> None:
         if self.hparams.get("lora_rank"):
             self.merge_lora()
@@ -279,6 +284,7 @@ class LocFTBF(FineTuneEditor):
         self.log("train/loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False, batch_size=len(batch))
         if value < self.hparams["min_loss"]:
             return None  # converged batch: no optimizer step
+        self.optimizer_steps += 1
         return loss
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -338,6 +344,7 @@ class DepthFirstFT(FineTuneEditor):
             opt.step()
             self.project()
             steps_taken += 1
+        self.optimizer_steps += steps_taken
         self._done.update(self._key(r) for r in todo)
         self.log_dict(
             {"train/loss": loss_value, "train/steps": float(steps_taken), "edits_done": float(len(self._done))},
