@@ -262,7 +262,9 @@ class LocFTBF(FineTuneEditor):
     """LocFT-BF: breadth-first (epoch-based) mini-batch fine-tuning of a localized mask.
 
     Use with ``Trainer(max_epochs=25)`` and ``EditDataModule(batch_size=100)`` (the recipe's
-    defaults); the Trainer's epochs are the method's epochs.
+    defaults); the Trainer's epochs are the method's epochs. A budget in steps instead
+    (``Trainer(max_epochs=-1, max_steps=S)``) counts mini-batches, including those that took no
+    step under ``min_loss``; :attr:`optimizer_steps` counts the steps actually taken.
     """
 
     trainer_defaults = {**Editor.trainer_defaults, "max_epochs": 25}
