@@ -342,3 +342,18 @@ def test_optimizer_steps_count_only_batches_that_step(tiny_llama, tokenizer, req
     assert all(torch.equal(p, before[n]) for n, p in tiny_llama.named_parameters())
     df = fit(editor(tiny_llama, tokenizer, cls=DepthFirstFT, min_loss=0.0, steps=3), requests, epochs=1, batch_size=1, shuffle=False)
     assert df.optimizer_steps == 3 * len(requests)
+
+
+def test_adam_eps_scales_down_steps_of_small_gradients(tokenizer, requests):
+    with pytest.raises(ValueError, match="adam_eps"):
+        editor(make_tiny_llama(len(tokenizer)), tokenizer, adam_eps=0.0)
+    moved = {}
+    for eps in (1e-8, 1.0):
+        model = make_tiny_llama(len(tokenizer))
+        w0 = dict(model.named_parameters())[DOWN1].detach().clone()
+        ed = fit(editor(model, tokenizer, lr=1e-2, adam_eps=eps, min_loss=0.0), requests, epochs=1, batch_size=100)
+        assert ed.optimizer_steps == 1
+        moved[eps] = (dict(model.named_parameters())[DOWN1].detach() - w0).abs()
+    # first Adam step: lr * g / (|g| + eps): about lr for every element at eps 1e-8, far less at eps 1
+    assert torch.allclose(moved[1e-8].max(), torch.tensor(1e-2), rtol=1e-3)
+    assert moved[1.0].max() < 1e-3

@@ -96,6 +96,9 @@ class FineTuneEditor(Editor):
         append_eos: append EOS to every target so the model learns to stop after the answer.
         min_loss: a batch below this loss takes no optimizer step; an epoch whose mean loss is
             below it ends training.
+        adam_eps: Adam's ε (torch's 1e-8 by default). Adam moves every element with a nonzero
+            gradient by about ``lr`` per step, however small its gradient; a larger ε scales the
+            steps of elements whose gradient is below ε down in proportion to it.
         linf_eps: optional L∞ constraint: each tuned element stays within ``w0 ± linf_eps``.
         element_masks: optional ``{tensor name: bool tensor}`` (or a ``.safetensors`` path)
             restricting the tuned tensors to some of their elements.
@@ -116,6 +119,7 @@ class FineTuneEditor(Editor):
         loss: Literal["ft_m", "ft_l"] = "ft_m",
         append_eos: bool = True,
         min_loss: float = 1e-2,
+        adam_eps: float = 1e-8,
         linf_eps: Optional[float] = None,
         element_masks: Union[str, dict, None] = None,
         lora_rank: Optional[int] = None,
@@ -124,6 +128,8 @@ class FineTuneEditor(Editor):
         super().__init__(model, tokenizer, dtype, target_modules, layers_to_transform, layers_pattern, exclude_modules)
         if loss not in ("ft_m", "ft_l"):
             raise ValueError(f"loss must be 'ft_m' or 'ft_l', got {loss!r}")
+        if not adam_eps > 0:
+            raise ValueError(f"adam_eps must be > 0, got {adam_eps}")
         if linf_eps is not None and lora_rank is not None:
             raise ValueError("linf_eps constrains tuned weights directly; it cannot be combined with lora_rank")
         self._element_masks = self._read_element_masks(element_masks)
@@ -244,7 +250,7 @@ class FineTuneEditor(Editor):
 
     def configure_optimizers(self):
         params = list(self.prepare_for_editing().values())
-        return torch.optim.Adam(params, lr=self.learning_rate, weight_decay=0.0)
+        return torch.optim.Adam(params, lr=self.learning_rate, eps=self.hparams.get("adam_eps", 1e-8), weight_decay=0.0)
 
     def edit_loss(self, requests: list[EditRequest]) -> torch.Tensor:
         """Per-request loss under this editor's settings (shape ``(B,)``)."""
