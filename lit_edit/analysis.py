@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import logging
 import math
-import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,7 +20,7 @@ import lightning as L
 
 from lit_edit.data.request import EditRequest
 from lit_edit.editors.base import Editor
-from lit_edit.models import ArchSpec
+from lit_edit.models import ArchSpec, atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -82,13 +81,14 @@ class ResumableTable:
     def add(self, row: dict[str, Any]) -> None:
         self.rows.append({k: row[k] for k in row})
         columns = list(dict.fromkeys(c for r in self.rows for c in r))
-        tmp = self.path.with_suffix(".tmp")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with tmp.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(self.rows)
-        os.replace(tmp, self.path)
+
+        def write(tmp: str) -> None:
+            with open(tmp, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=columns)
+                writer.writeheader()
+                writer.writerows(self.rows)
+
+        atomic_write(self.path, write)
 
 
 def fit_and_score(

@@ -196,6 +196,21 @@ def cache_root() -> Path:
     return Path(os.environ.get("LIT_EDIT_HOME", "checkpoints"))
 
 
+def atomic_write(path: Union[str, Path], write) -> Path:
+    """Write a file atomically: ``write(tmp)`` fills a temporary sibling that then replaces ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
 def atomic_directory(target: Path):
     """Context manager yielding a temporary sibling directory that replaces ``target`` on success."""
     return _AtomicDir(Path(target))

@@ -18,8 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -30,7 +28,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from lit_edit.locate.hooks import StopForward
-from lit_edit.models import arch_for, cache_root, resolve_dtype
+from lit_edit.models import arch_for, atomic_write, cache_root, resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -138,19 +136,6 @@ def _input_dim(module: nn.Module) -> int:
     return w.shape[1]
 
 
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _model_name(model: nn.Module) -> tuple[str, Optional[str]]:
     cfg = model.config
     return str(getattr(cfg, "name_or_path", "") or type(model).__name__), getattr(cfg, "_commit_hash", None)
@@ -233,7 +218,7 @@ def second_moment(
     count = int(stats_module.count.item())
     mom2 = (stats_module.total / max(count, 1)).cpu()
     if cache and trainer.is_global_zero:
-        _atomic_write(path, lambda tmp: torch.save({"mom2": mom2, "count": count}, tmp))
-        _atomic_write(sidecar, lambda tmp: Path(tmp).write_text(json.dumps({"key": asdict(key), "count": count, "file": path.name}, indent=1)))
+        atomic_write(path, lambda tmp: torch.save({"mom2": mom2, "count": count}, tmp))
+        atomic_write(sidecar, lambda tmp: Path(tmp).write_text(json.dumps({"key": asdict(key), "count": count, "file": path.name}, indent=1)))
         log.info("statistics cached in %s", path)
     return SecondMoment(mom2=mom2, count=count, key=key, cached=False)

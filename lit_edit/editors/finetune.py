@@ -250,7 +250,7 @@ class FineTuneEditor(Editor):
 
     def configure_optimizers(self):
         params = list(self.prepare_for_editing().values())
-        return torch.optim.Adam(params, lr=self.learning_rate, eps=self.hparams.get("adam_eps", 1e-8), weight_decay=0.0)
+        return torch.optim.Adam(params, lr=self.learning_rate, eps=self.hparams["adam_eps"], weight_decay=0.0)
 
     def edit_loss(self, requests: list[EditRequest]) -> torch.Tensor:
         """Per-request loss under this editor's settings (shape ``(B,)``)."""

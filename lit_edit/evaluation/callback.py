@@ -32,7 +32,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -48,6 +47,7 @@ from lit_edit.data.corpus import corpus_name, corpus_version, load_texts
 from lit_edit.data.request import EditRequest
 from lit_edit.evaluation.metrics import ExactMatch, Perplexity, ProbabilityComparison, TokenAccuracy
 from lit_edit.evaluation.scoring import greedy_generate, ngram_entropy, normalize_answer, score_pairs, text_nll
+from lit_edit.models import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -567,16 +567,8 @@ class EditEvaluation(L.Callback):
         """Write ``summary.json`` into ``directory`` atomically; returns its path."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        path = directory / "summary.json"
-        fd, tmp = tempfile.mkstemp(prefix=".summary.", suffix=".json.tmp", dir=directory)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(self.summary(model), f, indent=2, ensure_ascii=False)
-                f.write("\n")
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        text = json.dumps(self.summary(model), indent=2, ensure_ascii=False) + "\n"
+        path = atomic_write(directory / "summary.json", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
         log.info("wrote evaluation summary to %s", path)
         return path
 

@@ -16,8 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -27,7 +25,7 @@ from torch import nn
 
 from lit_edit.data.request import EditRequest, RecordError
 from lit_edit.data.tokenize import encode_target
-from lit_edit.models import cache_root
+from lit_edit.models import atomic_write, cache_root
 
 log = logging.getLogger(__name__)
 
@@ -193,11 +191,8 @@ class ContextTemplates:
         groups = [["{}"]] + sample_templates(model, tokenizer, spec, seed)
         self._memo[digest] = groups
         if self.use_disk:
-            self.cache_dir.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.cache_dir, prefix=".tmp-", suffix=".json")
-            with os.fdopen(fd, "w") as f:
-                json.dump({"key": key, "templates": groups}, f, indent=1, ensure_ascii=False)
-            os.replace(tmp, path)
+            text = json.dumps({"key": key, "templates": groups}, indent=1, ensure_ascii=False)
+            atomic_write(path, lambda tmp: Path(tmp).write_text(text))
             log.info("sampled %d context templates, cached in %s", sum(map(len, groups)) - 1, path)
         return groups
 
