@@ -22,6 +22,17 @@ add tokens:
 
 ``lora_rank`` switches to a LoRA adapter on the same localized modules; the adapter is merged
 into the base weights when fitting ends, so save/restore/export see ordinary tensors.
+
+``preservation`` (off by default) adds the preservation objective of the locate-and-edit
+methods to the fine-tuning loss: for each tuned linear weight ``W`` (original ``W₀``), the
+relative squared change of its output on the keys ``k`` (its inputs) of generic text,
+
+    λ · E_k ‖(W − W₀) k‖² / E_k ‖W₀ k‖²  =  λ · tr(ΔW C ΔWᵀ) / tr(W₀ C W₀ᵀ),   C = E[k kᵀ],
+
+with ``C`` computed once per module by :func:`lit_edit.stats.second_moment` (offline Wikipedia,
+train split, cached on disk), the same statistics MEMIT and EMMET use. It steers the update into
+directions generic text hardly uses, at the cost of one small matrix product per step; the
+edit loss alone still decides ``min_loss`` skips and early stopping.
 """
 
 from __future__ import annotations
@@ -104,6 +115,13 @@ class FineTuneEditor(Editor):
             restricting the tuned tensors to some of their elements.
         lora_rank: train a LoRA adapter of this rank on the same modules (merged at fit end).
         lora_alpha: LoRA scaling numerator (default ``2 * lora_rank``).
+        preservation: weight λ of the preservation term (module docstring); 0 = the published
+            methods' loss. Needs every tuned tensor to be the weight of a linear module inside a
+            block; not combined with ``lora_rank``.
+        preservation_texts: number of generic texts (truncated to 256 tokens) whose keys form
+            the statistics ``C``.
+        preservation_corpus: source of those texts (``wiki:train`` = the offline Wikipedia
+            extracts not used for perplexity; or a local file / hub dataset name).
     """
 
     def __init__(
@@ -124,6 +142,9 @@ class FineTuneEditor(Editor):
         element_masks: Union[str, dict, None] = None,
         lora_rank: Optional[int] = None,
         lora_alpha: Optional[float] = None,
+        preservation: float = 0.0,
+        preservation_texts: int = 1000,
+        preservation_corpus: str = "wiki:train",
     ):
         super().__init__(model, tokenizer, dtype, target_modules, layers_to_transform, layers_pattern, exclude_modules)
         if loss not in ("ft_m", "ft_l"):
@@ -132,6 +153,12 @@ class FineTuneEditor(Editor):
             raise ValueError(f"adam_eps must be > 0, got {adam_eps}")
         if linf_eps is not None and lora_rank is not None:
             raise ValueError("linf_eps constrains tuned weights directly; it cannot be combined with lora_rank")
+        if not preservation >= 0:
+            raise ValueError(f"preservation must be >= 0, got {preservation}")
+        if preservation > 0 and lora_rank is not None:
+            raise ValueError("preservation penalises the change of tuned weights; it cannot be combined with lora_rank")
+        if preservation_texts < 1:
+            raise ValueError(f"preservation_texts must be >= 1, got {preservation_texts}")
         self._element_masks = self._read_element_masks(element_masks)
         if isinstance(element_masks, dict):
             self.hparams["element_masks"] = sorted(element_masks)
@@ -139,6 +166,8 @@ class FineTuneEditor(Editor):
         self._prepared = False
         #: Optimizer steps taken by the last fit (batches below ``min_loss`` take none).
         self.optimizer_steps = 0
+        #: tensor name -> (C, W₀ as (out, in), tr(W₀ C W₀ᵀ)), filled when fitting starts.
+        self._preserve: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     # ------------------------------------------------------------------ configuration
 
@@ -256,8 +285,69 @@ class FineTuneEditor(Editor):
         """Per-request loss under this editor's settings (shape ``(B,)``)."""
         return ft_loss(self.model, self.tokenizer, requests, self.hparams["loss"], self.hparams["append_eos"])
 
+    def training_loss(self, requests: list[EditRequest]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(edit loss, loss to optimise)``: the batch-mean edit loss, plus the preservation term."""
+        edit = self.edit_loss(requests).mean()
+        if not self._preserve:
+            return edit, edit
+        penalty = self.preservation_loss()
+        self.log("train/preservation", penalty.detach(), on_step=True, on_epoch=False, batch_size=len(requests))
+        return edit, edit + float(self.hparams["preservation"]) * penalty
+
+    # ------------------------------------------------------------------ preservation
+
+    def _block_module(self, name: str) -> tuple[int, str]:
+        """``(block index, module path inside the block)`` of a tuned weight, or a clear error."""
+        prefix = f"{self.arch.layers}."
+        parts = name[len(prefix):].split(".", 1) if name.startswith(prefix) else []
+        if len(parts) != 2 or not parts[0].isdigit() or not parts[1].endswith(".weight"):
+            raise ValueError(
+                f"preservation needs the weights of linear modules inside blocks ({prefix}<i>.<module>.weight); "
+                f"{name!r} is not one"
+            )
+        module_path = parts[1][: -len(".weight")]
+        module = self.model.get_submodule(f"{prefix}{parts[0]}.{module_path}")
+        if getattr(module, "weight", None) is None or module.weight.dim() != 2:
+            raise ValueError(f"preservation needs 2-D linear weights; {name!r} is {tuple(module.weight.shape)}")
+        return int(parts[0]), module_path
+
+    def prepare_preservation(self) -> None:
+        """Load (or compute and cache) ``C`` for every tuned tensor when ``preservation`` > 0."""
+        self._preserve = {}
+        if not self.hparams.get("preservation"):
+            return
+        from lit_edit.stats import second_moment
+
+        for name, p in self.prepare_for_editing().items():
+            layer, module = self._block_module(name)
+            sm = second_moment(
+                self.model, self.tokenizer, layer, module,
+                corpus=self.hparams["preservation_corpus"],
+                n_samples=int(self.hparams["preservation_texts"]),
+                dtype="float64",
+                model_name=self.base_model_name,
+            )
+            c = sm.mom2.to(device=p.device, dtype=torch.float32)
+            w0 = self._originals[name].to(device=p.device, dtype=torch.float32)
+            w0 = w0.T if self.arch.conv1d else w0  # (out, in)
+            scale = ((w0 @ c) * w0).sum()
+            self._preserve[name] = (c, w0, scale)
+            log.info("preservation statistics for %s: %d tokens", name, sm.count)
+
+    def preservation_loss(self) -> torch.Tensor:
+        """Σ over tuned tensors of ``tr(ΔW C ΔWᵀ) / tr(W₀ C W₀ᵀ)``."""
+        params = self._trainable
+        total = None
+        for name, (c, w0, scale) in self._preserve.items():
+            w = params[name].float()
+            delta = (w.T if self.arch.conv1d else w) - w0
+            term = ((delta @ c) * delta).sum() / scale
+            total = term if total is None else total + term
+        return total
+
     def on_fit_start(self) -> None:
         self.optimizer_steps = 0
+        self.prepare_preservation()
 
     def on_fit_end(self) -> None:
         if self.hparams.get("lora_rank"):
@@ -284,12 +374,11 @@ class LocFTBF(FineTuneEditor):
         self._epoch_loss, self._epoch_count = 0.0, 0
 
     def training_step(self, batch: list[EditRequest], batch_idx: int):
-        per_request = self.edit_loss(batch)
-        loss = per_request.mean()
-        value = float(loss.detach())
+        edit, loss = self.training_loss(batch)
+        value = float(edit.detach())
         self._epoch_loss += value * len(batch)
         self._epoch_count += len(batch)
-        self.log("train/loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False, batch_size=len(batch))
+        self.log("train/loss", edit.detach(), prog_bar=True, on_step=True, on_epoch=False, batch_size=len(batch))
         if value < self.hparams["min_loss"]:
             return None  # converged batch: no optimizer step
         self.optimizer_steps += 1
@@ -343,8 +432,8 @@ class DepthFirstFT(FineTuneEditor):
         opt.optimizer.state.clear()  # every batch starts from a fresh Adam state
         steps_taken, loss_value = 0, float("nan")
         for _ in range(self.hparams["steps"]):
-            loss = self.edit_loss(todo).mean()
-            loss_value = float(loss.detach())
+            edit, loss = self.training_loss(todo)
+            loss_value = float(edit.detach())
             if loss_value < self.hparams["min_loss"]:
                 break
             opt.zero_grad()
