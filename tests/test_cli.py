@@ -45,9 +45,11 @@ def common_args(tmp_path: Path, tiny_dir: Path) -> list[str]:
     ]
 
 
-def test_locft_bf_recipe_runs_end_to_end(tmp_path, tiny_dir, capsys):
+def test_locft_bf_recipe_runs_end_to_end(tmp_path, tiny_dir, capsys, monkeypatch):
+    monkeypatch.setenv("LIT_EDIT_HOME", str(tmp_path / "cache"))  # the preservation statistics of this model
     recipe = load_recipe("locft_bf")
     args = common_args(tmp_path, tiny_dir) + [
+        "--model.preservation_texts=4",  # the YAML's preservation term, on 4 Wikipedia texts
         "--trainer.callbacks=[{class_path: lit_edit.evaluation.EditEvaluation, "
         "init_args: {protocols: [probability, token_accuracy, generation, perplexity], ppl_texts: 3, max_new_tokens: 4}}]",
     ]
@@ -62,6 +64,8 @@ def test_locft_bf_recipe_runs_end_to_end(tmp_path, tiny_dir, capsys):
     assert "gen_em/reliability" in json.dumps(summary) and "ppl/wiki" in json.dumps(summary)
     metrics_csv = list((tmp_path / "logs").rglob("metrics.csv"))
     assert metrics_csv and "train/loss" in metrics_csv[0].read_text()
+    assert cli.model.hparams["preservation"] == 10.0 and "train/preservation" in metrics_csv[0].read_text()
+    assert list((tmp_path / "cache" / "stats").glob("*.pt")), "preservation statistics not cached"
     out = capsys.readouterr().out
     assert "before" in out and "after" in out  # the results table
 
