@@ -307,8 +307,10 @@ class FineTuneEditor(Editor):
             )
         module_path = parts[1][: -len(".weight")]
         module = self.model.get_submodule(f"{prefix}{parts[0]}.{module_path}")
-        if getattr(module, "weight", None) is None or module.weight.dim() != 2:
-            raise ValueError(f"preservation needs 2-D linear weights; {name!r} is {tuple(module.weight.shape)}")
+        weight = getattr(module, "weight", None)
+        if weight is None or weight.dim() != 2:
+            shape = "not a weight" if weight is None else f"of shape {tuple(weight.shape)}"
+            raise ValueError(f"preservation needs 2-D linear weights; {name!r} is {shape}")
         return int(parts[0]), module_path
 
     def prepare_preservation(self) -> None:
