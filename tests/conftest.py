@@ -108,6 +108,23 @@ def requests():
     ]
 
 
+@pytest.fixture()
+def cache(tmp_path, monkeypatch):
+    """A per-test ``LIT_EDIT_HOME``: statistics and template caches of this test only."""
+    monkeypatch.setenv("LIT_EDIT_HOME", str(tmp_path))
+    return tmp_path
+
+
+def write_corpus(directory) -> str:
+    """A small generic-text file (60 lines of 40 frequent English words) for key statistics."""
+    path = Path(directory) / "corpus.txt"
+    words = "the of and a in to was is for on as by with he at from his an were are which this be".split()
+    g = torch.Generator().manual_seed(0)
+    lines = [" ".join(words[i] for i in torch.randint(len(words), (40,), generator=g).tolist()) for _ in range(60)]
+    path.write_text("\n".join(lines))
+    return str(path)
+
+
 def requires_shared_data(name: str):
     path = SHARED_DATA / name
     return pytest.mark.skipif(not path.exists(), reason=f"{path} not present (real benchmark data lives in ../shared/data)")

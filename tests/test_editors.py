@@ -7,7 +7,7 @@ import json
 import lightning as L
 import pytest
 import torch
-from conftest import make_tiny_llama
+from conftest import make_tiny_llama, write_corpus
 
 from lit_edit.data import EditDataModule
 from lit_edit.edits import EditMismatchError, apply_edit, load_edit
@@ -359,31 +359,14 @@ def test_adam_eps_scales_down_steps_of_small_gradients(tokenizer, requests):
     assert moved[1.0].max() < 1e-3
 
 
-GENERIC_TEXTS = [
-    "The river flows through the old town and past the church before it reaches the sea.",
-    "She studied chemistry at the university and later worked in a laboratory in Berlin.",
-    "The festival takes place every summer and attracts visitors from many countries.",
-    "In 1850 the railway reached the village, which then grew into a market town.",
-    "The album was recorded in London and released by a small independent label.",
-    "Most species of the genus live in tropical forests of South America.",
-    "The bridge was designed by an engineer who also built several lighthouses.",
-    "He served as mayor for twelve years and was known for his public parks.",
-]
+def module_keys(model, tok, module: str, corpus: str) -> torch.Tensor:
+    """Inputs of ``module`` at every token of the corpus, one text per forward (no padding)."""
+    from lit_edit.data.corpus import load_texts
 
-
-def generic_corpus(tmp_path, monkeypatch) -> str:
-    monkeypatch.setenv("LIT_EDIT_HOME", str(tmp_path / "cache"))  # statistics cache of this test only
-    path = tmp_path / "generic.txt"
-    path.write_text("\n".join(GENERIC_TEXTS))
-    return str(path)
-
-
-def module_keys(model, tok, module: str) -> torch.Tensor:
-    """Inputs of ``module`` at every token of GENERIC_TEXTS, one text per forward (no padding)."""
     got = []
     handle = model.get_submodule(module).register_forward_pre_hook(lambda m, args: got.append(args[0][0].detach()))
     with torch.no_grad():
-        for text in GENERIC_TEXTS:
+        for text in load_texts(corpus):
             model(**tok(text, return_tensors="pt"))
     handle.remove()
     return torch.cat(got)
@@ -394,12 +377,12 @@ def relative_output_change(keys: torch.Tensor, w: torch.Tensor, w0: torch.Tensor
     return ((keys @ (w - w0).T) ** 2).sum(1).mean() / ((keys @ w0.T) ** 2).sum(1).mean()
 
 
-def test_preservation_loss_matches_hand_computed_output_change(tiny_llama, tokenizer, tmp_path, monkeypatch):
-    corpus = generic_corpus(tmp_path, monkeypatch)
-    ed = editor(tiny_llama, tokenizer, preservation=1.0, preservation_corpus=corpus, preservation_texts=len(GENERIC_TEXTS))
+def test_preservation_loss_matches_hand_computed_output_change(tiny_llama, tokenizer, cache):
+    corpus = write_corpus(cache)
+    ed = editor(tiny_llama, tokenizer, preservation=1.0, preservation_corpus=corpus)
     ed.prepare_for_editing()
     ed.prepare_preservation()
-    keys = module_keys(tiny_llama, tokenizer, DOWN1.removesuffix(".weight"))
+    keys = module_keys(tiny_llama, tokenizer, DOWN1.removesuffix(".weight"), corpus)
     w = dict(tiny_llama.named_parameters())[DOWN1]
     w0 = w.detach().clone()
     assert float(ed.preservation_loss().detach()) == 0.0
@@ -411,14 +394,14 @@ def test_preservation_loss_matches_hand_computed_output_change(tiny_llama, token
     assert torch.allclose(ed.preservation_loss().detach(), expected, rtol=1e-4)
 
 
-def test_preservation_keeps_generic_outputs_while_editing(tokenizer, requests, tmp_path, monkeypatch):
-    corpus = generic_corpus(tmp_path, monkeypatch)
+def test_preservation_keeps_generic_outputs_while_editing(tokenizer, requests, cache):
+    corpus = write_corpus(cache)
     change = {}
     for weight in (0.0, 1.0):
         model = make_tiny_llama(len(tokenizer))
-        keys = module_keys(model, tokenizer, DOWN1.removesuffix(".weight"))
+        keys = module_keys(model, tokenizer, DOWN1.removesuffix(".weight"), corpus)
         w0 = dict(model.named_parameters())[DOWN1].detach().clone()
-        ed = editor(model, tokenizer, preservation=weight, preservation_corpus=corpus, preservation_texts=len(GENERIC_TEXTS))
+        ed = editor(model, tokenizer, preservation=weight, preservation_corpus=corpus)
         loss0 = ed.edit_loss(requests).detach()
         fit(ed, requests, epochs=8)
         loss1 = ed.edit_loss(requests).detach()
@@ -427,13 +410,12 @@ def test_preservation_keeps_generic_outputs_while_editing(tokenizer, requests, t
     assert change[1.0] < 0.1 * change[0.0], change
 
 
-def test_preservation_refuses_lora_negative_weights_and_non_linear_tensors(tiny_llama, tokenizer, tmp_path, monkeypatch):
+def test_preservation_refuses_lora_negative_weights_and_non_linear_tensors(tiny_llama, tokenizer, cache):
     with pytest.raises(ValueError, match="preservation must be >= 0"):
         editor(tiny_llama, tokenizer, preservation=-1.0)
     with pytest.raises(ValueError, match="lora_rank"):
         editor(tiny_llama, tokenizer, preservation=1.0, lora_rank=4)
-    corpus = generic_corpus(tmp_path, monkeypatch)
-    ed = editor(tiny_llama, tokenizer, target_modules=["post_attention_layernorm"], preservation=1.0, preservation_corpus=corpus)
+    ed = editor(tiny_llama, tokenizer, target_modules=["post_attention_layernorm"], preservation=1.0, preservation_corpus=write_corpus(cache))
     ed.prepare_for_editing()
     with pytest.raises(ValueError, match=r"model\.layers\.1\.post_attention_layernorm\.weight"):
         ed.prepare_preservation()

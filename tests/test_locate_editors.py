@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_corpus
 
 from lit_edit.data.request import EditRequest, RecordError
 
@@ -45,19 +46,6 @@ def _gpt2(tokenizer):
     return m
 
 
-@pytest.fixture()
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("LIT_EDIT_HOME", str(tmp_path))
-    return tmp_path
-
-
-def _corpus(tmp_path) -> str:
-    path = tmp_path / "corpus.txt"
-    words = "the of and a in to was is for on as by with he at from his an were are which this be".split()
-    g = torch.Generator().manual_seed(0)
-    lines = [" ".join(words[i] for i in torch.randint(len(words), (40,), generator=g).tolist()) for _ in range(60)]
-    path.write_text("\n".join(lines))
-    return str(path)
 
 
 FAST = dict(v_steps=3, mom2_n_samples=60, mom2_max_length=64, stats_batch_size=16)
@@ -65,7 +53,7 @@ FAST = dict(v_steps=3, mom2_n_samples=60, mom2_max_length=64, stats_batch_size=1
 
 def _editor(cls, tokenizer, tmp_path, model=None, **kw):
     model = model if model is not None else _llama(tokenizer)
-    args = {**FAST, "stats_corpus": _corpus(tmp_path), **kw}
+    args = {**FAST, "stats_corpus": write_corpus(tmp_path), **kw}
     return cls(model=model, tokenizer=tokenizer, **args)
 
 
@@ -251,7 +239,7 @@ def test_stats_cache_keyed_by_every_field(tokenizer, cache, caplog):
     from lit_edit.stats import second_moment
 
     model = _llama(tokenizer)
-    corpus = _corpus(cache)
+    corpus = write_corpus(cache)
     base = dict(corpus=corpus, n_samples=20, max_length=32, batch_size=8)
     with caplog.at_level(logging.INFO, logger="lit_edit.stats"):
         first = second_moment(model, tokenizer, 1, **base)
@@ -299,7 +287,7 @@ def test_stats_cache_keyed_by_every_field(tokenizer, cache, caplog):
 def test_gpt2_stats_input_dim(tokenizer, cache):
     from lit_edit.stats import second_moment
 
-    sm = second_moment(_gpt2(tokenizer), tokenizer, 0, corpus=_corpus(cache), n_samples=5, max_length=16)
+    sm = second_moment(_gpt2(tokenizer), tokenizer, 0, corpus=write_corpus(cache), n_samples=5, max_length=16)
     assert sm.mom2.shape == (256, 256)
 
 
