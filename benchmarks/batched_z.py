@@ -35,7 +35,7 @@ def main(argv=None) -> dict:
 
     from lit_edit.data import load_requests
     from lit_edit.editors import MEMIT
-    from lit_edit.locate import optimize_values
+    from lit_edit.closed_form import optimize_values
 
     torch.manual_seed(0)
     editor = MEMIT(model=args.model, max_templates_per_group=args.max_templates)

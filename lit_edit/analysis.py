@@ -20,7 +20,8 @@ import lightning as L
 
 from lit_edit.data.request import EditRequest
 from lit_edit.editors.base import Editor
-from lit_edit.models import ArchSpec, atomic_write
+from lit_edit.io import atomic_write
+from lit_edit.models import ArchSpec
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,8 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from lit_edit.models import atomic_directory, load_causal_lm
+from lit_edit.io import atomic_directory
+from lit_edit.models import load_causal_lm
 
 FORMAT = "lit_edit/1"
 TENSORS_FILE = "edit.safetensors"

@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
 from torch import nn
+
+from lit_edit.io import atomic_directory, cache_root
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +29,6 @@ __all__ = [
     "ARCHITECTURES",
     "EMBEDDED_MODELS",
     "arch_for",
-    "cache_root",
     "load_causal_lm",
     "resolve_dtype",
     "get_module",
@@ -189,54 +187,6 @@ def resolve_dtype(dtype: Union[str, torch.dtype, None]) -> Optional[torch.dtype]
     if key not in _DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(set(_DTYPES))} or 'auto'")
     return _DTYPES[key]
-
-
-def cache_root() -> Path:
-    """Directory for converted models and caches: ``$LIT_EDIT_HOME`` or ``./checkpoints``."""
-    return Path(os.environ.get("LIT_EDIT_HOME", "checkpoints"))
-
-
-def atomic_write(path: Union[str, Path], write) -> Path:
-    """Write a file atomically: ``write(tmp)`` fills a temporary sibling that then replaces ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def atomic_directory(target: Path):
-    """Context manager yielding a temporary sibling directory that replaces ``target`` on success."""
-    return _AtomicDir(Path(target))
-
-
-class _AtomicDir:
-    def __init__(self, target: Path):
-        self.target = target
-
-    def __enter__(self) -> Path:
-        self.target.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.", dir=self.target.parent))
-        os.chmod(self.tmp, 0o755)
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return
-        old = None
-        if self.target.exists():
-            old = self.target.with_name(f".{self.target.name}.old-{os.getpid()}")
-            os.replace(self.target, old)
-        os.replace(self.tmp, self.target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- embedded models

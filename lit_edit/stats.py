@@ -27,8 +27,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from lit_edit.locate.hooks import StopForward
-from lit_edit.models import arch_for, atomic_write, cache_root, resolve_dtype
+from lit_edit.closed_form.hooks import StopForward
+from lit_edit.io import atomic_write, cache_root
+from lit_edit.models import arch_for, resolve_dtype
 
 log = logging.getLogger(__name__)
 

@@ -102,7 +102,7 @@ def test_every_shipped_yaml_parses_against_its_recipe(yaml_path, capsys):
 
 
 def test_study_recipes_run_and_resume(tmp_path, tiny_dir, capsys):
-    locate = load_recipe("locate")
+    locate = load_recipe("location_sweep")
     args = [
         f"--model.model={tiny_dir}",
         "--model.lr=1e-2",
@@ -178,8 +178,8 @@ def test_study_column_follows_the_study_row_mapping():
     assert row[study_column(both, "tok_acc/locality")] == 0.4 and row[study_column(both, "gen_em/locality_agreement")] == 0.1
 
 
-def test_locate_score_locality_needs_its_protocol(tmp_path, tiny_dir, capsys):
-    locate = load_recipe("locate")
+def test_location_sweep_score_locality_needs_its_protocol(tmp_path, tiny_dir, capsys):
+    locate = load_recipe("location_sweep")
     with pytest.raises(SystemExit):
         locate.main([
             f"--model.model={tiny_dir}",

@@ -111,7 +111,7 @@ def test_embedded_model_missing_package_is_a_clear_error(monkeypatch, tmp_path):
 def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
     from pathlib import Path
 
-    from lit_edit.models import atomic_write
+    from lit_edit.io import atomic_write
 
     target = tmp_path / "sub" / "table.csv"
     atomic_write(target, lambda tmp: Path(tmp).write_text("old"))

@@ -25,6 +25,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional, Union
 
+from lit_edit.io import read_json_records
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -127,18 +129,9 @@ def _read_text_file(path: Path, text_field: str) -> list[str]:
     if suffix == ".txt":
         return path.read_text(encoding="utf-8").splitlines()
     if suffix == ".jsonl":
-        records = []
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        records.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-        return _texts_from_records(records, text_field, str(path))
+        return _texts_from_records(read_json_records(path), text_field, str(path))
     if suffix == ".json":
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+        data = read_json_records(path)
         if isinstance(data, Mapping):  # {"key": record} (as the Wikipedia summaries) or {"data": [...]}
             lists = [v for v in data.values() if isinstance(v, list)]
             data = lists[0] if len(data) == 1 and len(lists) == 1 else list(data.values())

@@ -21,6 +21,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
+from lit_edit.io import read_json_records
 from lit_edit.data.request import EditRequest, PromptAnswer, RecordError
 
 log = logging.getLogger(__name__)
@@ -200,20 +201,7 @@ def detect_schema(rec: Record) -> str:
 
 
 def _read_file(path: Path) -> list[Any]:
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".jsonl":
-        out = []
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    out.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-        return out
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    data = read_json_records(path)
     if isinstance(data, Mapping):  # {"data": [...]} or {"train": [...]} wrappers
         lists = [v for v in data.values() if isinstance(v, list)]
         if len(lists) == 1:

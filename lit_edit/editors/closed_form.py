@@ -13,7 +13,7 @@ evaluation callback sees each edit before it is undone.
 
 Hyperparameters left as ``None`` come from :data:`LOCATE_DEFAULTS` (published configurations per
 architecture) and otherwise from the editor's generic defaults. Everything computational lives in
-:mod:`lit_edit.locate` and :mod:`lit_edit.stats`.
+:mod:`lit_edit.closed_form` and :mod:`lit_edit.stats`.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 
 from lit_edit.data.request import EditRequest
 from lit_edit.editors.base import Editor
-from lit_edit.locate import ContextTemplates, TemplateSpec, ValueSettings, projection_weight
+from lit_edit.closed_form import ContextTemplates, TemplateSpec, ValueSettings, projection_weight
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ __all__ = ["ClosedFormEditor", "LOCATE_DEFAULTS"]
 #: GPT-2 XL and GPT-J: the ROME/MEMIT papers' configs; Llama-3-8B: the EasyEdit Llama-3 configs
 #: (the Llama-3 batch-size study, arXiv 2405.00664, found layer 1 best for single-layer edits).
 #: SmolLM2-135M (llama, 30 blocks): the Llama-3-8B settings scaled to depth (ROME block 4, MEMIT
-#: blocks 3-5; layers not yet swept: ``benchmarks/locate_editors.py --sweep rome:2,4,6,8``). λ was
+#: blocks 3-5; layers not yet swept: ``benchmarks/closed_form_editors.py --sweep rome:2,4,6,8``). λ was
 #: measured on CounterFact records 100-119 (batch of 20, same z): 15000 leaves 73% of the z
 #: residual and ES 55; 5000: 50%, ES 80; 2000: 30%, ES 95; 500: 9%, ES 100, NS unchanged.
 LOCATE_DEFAULTS: dict[tuple[str, int], dict[str, dict[str, Any]]] = {

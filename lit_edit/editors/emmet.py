@@ -12,7 +12,7 @@ from typing import Any, Optional
 import torch
 
 from lit_edit.editors.memit import MEMIT
-from lit_edit.locate import emmet_solve
+from lit_edit.closed_form import emmet_solve
 
 __all__ = ["EMMET"]
 

@@ -178,7 +178,7 @@ class FineTuneEditor(Editor):
             layer = int(round(0.7 * (self.num_layers - 1)))
             log.warning(
                 "no default tuning location for %s with %d blocks; using mlp_out of block %d "
-                "(run recipes/locate.py to choose one)", key[0], key[1], layer,
+                "(run recipes/location_sweep.py to choose one)", key[0], key[1], layer,
             )
             loc = {"target_modules": [self.arch.mlp_out], "layers_to_transform": [layer]}
         return {k: v for k, v in loc.items() if k != "lr"}

@@ -14,7 +14,7 @@ import torch
 
 from lit_edit.data.request import EditRequest
 from lit_edit.editors.closed_form import ClosedFormEditor
-from lit_edit.locate import (
+from lit_edit.closed_form import (
     MEMIT_TEMPLATES,
     apply_update,
     block_outputs_at,

@@ -15,7 +15,7 @@ import torch
 
 from lit_edit.data.request import EditRequest
 from lit_edit.editors.closed_form import ClosedFormEditor
-from lit_edit.locate import ROME_TEMPLATES, apply_update, keys_at, mlp_out_module, optimize_values, rome_solve
+from lit_edit.closed_form import ROME_TEMPLATES, apply_update, keys_at, mlp_out_module, optimize_values, rome_solve
 
 __all__ = ["ROME"]
 

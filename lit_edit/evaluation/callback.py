@@ -47,7 +47,7 @@ from lit_edit.data.corpus import corpus_name, corpus_version, load_texts
 from lit_edit.data.request import EditRequest
 from lit_edit.evaluation.metrics import ExactMatch, Perplexity, ProbabilityComparison, TokenAccuracy
 from lit_edit.evaluation.scoring import greedy_generate, ngram_entropy, normalize_answer, score_pairs, text_nll
-from lit_edit.models import atomic_write
+from lit_edit.io import atomic_write
 
 log = logging.getLogger(__name__)
 

@@ -1,9 +1,9 @@
 """Shared locate-and-edit machinery (ROME, MEMIT, EMMET): fact tokens, context templates,
 keys, the v*/z optimisation and the closed-form solves — written once, used by every editor."""
 
-from lit_edit.locate.keys import block_outputs_at, keys_at, mlp_out_module, projection_weight, template_average
-from lit_edit.locate.solve import apply_update, emmet_solve, memit_solve, rome_solve
-from lit_edit.locate.tokens import (
+from lit_edit.closed_form.keys import block_outputs_at, keys_at, mlp_out_module, projection_weight, template_average
+from lit_edit.closed_form.solve import apply_update, emmet_solve, memit_solve, rome_solve
+from lit_edit.closed_form.tokens import (
     MEMIT_TEMPLATES,
     ROME_TEMPLATES,
     ContextTemplates,
@@ -12,7 +12,7 @@ from lit_edit.locate.tokens import (
     fact_token_index,
     subject_span,
 )
-from lit_edit.locate.values import ValueResult, ValueSettings, optimize_values
+from lit_edit.closed_form.values import ValueResult, ValueSettings, optimize_values
 
 __all__ = [
     "ContextTemplates",

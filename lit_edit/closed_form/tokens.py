@@ -25,7 +25,7 @@ from torch import nn
 
 from lit_edit.data.request import EditRequest, RecordError
 from lit_edit.data.tokenize import encode_target
-from lit_edit.models import atomic_write, cache_root
+from lit_edit.io import atomic_write, cache_root
 
 log = logging.getLogger(__name__)
 

@@ -61,7 +61,7 @@ def _editor(cls, tokenizer, tmp_path, model=None, **kw):
 
 
 def test_fact_token_is_subject_last_token(tokenizer):
-    from lit_edit.locate import encode_in_template
+    from lit_edit.closed_form import encode_in_template
 
     e = encode_in_template(tokenizer, REQUESTS[0], "Hello there. {}")
     toks = tokenizer.convert_ids_to_tokens(e.ids)
@@ -69,7 +69,7 @@ def test_fact_token_is_subject_last_token(tokenizer):
 
 
 def test_fact_token_missing_subject_names_record(tokenizer):
-    from lit_edit.locate import encode_in_template
+    from lit_edit.closed_form import encode_in_template
 
     bad = EditRequest(prompt="The capital of France is", subject="Germany", target_new="Berlin", case_id="cf-17")
     with pytest.raises(RecordError, match="cf-17.*Germany"):
@@ -87,7 +87,7 @@ def _rand_problem(d_in=12, d_out=7, E=5, seed=0):
 
 
 def test_emmet_exact_constraints_and_rome_equivalence():
-    from lit_edit.locate import emmet_solve, rome_solve
+    from lit_edit.closed_form import emmet_solve, rome_solve
 
     K, R, C = _rand_problem()
     delta, cond = emmet_solve(K, R, C, mom2_weight=15000.0, emmet_lambda=0.0)
@@ -97,7 +97,7 @@ def test_emmet_exact_constraints_and_rome_equivalence():
 
 
 def test_memit_solve_matches_independent_least_squares():
-    from lit_edit.locate import memit_solve
+    from lit_edit.closed_form import memit_solve
 
     K, R, C = _rand_problem(E=9)
     lam = 2.5
@@ -115,7 +115,7 @@ def test_memit_solve_matches_independent_least_squares():
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_batched_values_equal_one_by_one_and_full_forward(tokenizer, arch):
-    from lit_edit.locate import ValueSettings, optimize_values
+    from lit_edit.closed_form import ValueSettings, optimize_values
 
     model = _llama(tokenizer) if arch == "llama" else _gpt2(tokenizer)
     templates = ["{}", "Once upon a time. {}"]
@@ -136,7 +136,7 @@ def test_batched_values_equal_one_by_one_and_full_forward(tokenizer, arch):
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_rome_writes_v_star_exactly_and_restores(tokenizer, cache, arch):
     from lit_edit.editors import ROME
-    from lit_edit.locate import keys_at, mlp_out_module, optimize_values
+    from lit_edit.closed_form import keys_at, mlp_out_module, optimize_values
 
     model = _llama(tokenizer) if arch == "llama" else _gpt2(tokenizer)
     ed = _editor(ROME, tokenizer, cache, model=model, layers=1)
@@ -158,7 +158,7 @@ def test_rome_writes_v_star_exactly_and_restores(tokenizer, cache, arch):
 
 def test_emmet_editor_constraints_and_memit_editor_solution(tokenizer, cache):
     from lit_edit.editors import EMMET, MEMIT
-    from lit_edit.locate import block_outputs_at, keys_at, memit_solve
+    from lit_edit.closed_form import block_outputs_at, keys_at, memit_solve
 
     em = _editor(EMMET, tokenizer, cache, layers=[2], emmet_lambda=0.0)
     W0 = em.weight(2).detach().clone()
@@ -199,7 +199,7 @@ def test_emmet_single_request_equals_rome(tokenizer, cache):
     ro = _editor(ROME, tokenizer, cache, v_weight_decay=0.5, clamp_norm_factor=4.0, **common)
     w0 = ro.weight(1).detach().clone()
     groups = ro.context_templates()
-    from lit_edit.locate import emmet_solve, keys_at, mlp_out_module, rome_solve
+    from lit_edit.closed_form import emmet_solve, keys_at, mlp_out_module, rome_solve
 
     k = keys_at(ro.model, tokenizer, REQUESTS[:1], 1, groups)[0]
     v = mlp_out_module(ro.model, 1)(k).detach() + 0.3
@@ -292,7 +292,7 @@ def test_gpt2_stats_input_dim(tokenizer, cache):
 
 
 def test_context_templates_cached_on_disk(tokenizer, cache):
-    from lit_edit.locate import ContextTemplates, TemplateSpec
+    from lit_edit.closed_form import ContextTemplates, TemplateSpec
 
     model = _llama(tokenizer)
     spec = TemplateSpec(groups=((3, 2), (4, 2)))

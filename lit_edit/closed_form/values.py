@@ -29,9 +29,9 @@ import torch
 from torch import nn
 
 from lit_edit.data.request import EditRequest
-from lit_edit.locate.hooks import StopForward, first_tensor, replace_first
-from lit_edit.locate.keys import mlp_out_module
-from lit_edit.locate.tokens import encode_in_template, pad_rows
+from lit_edit.closed_form.hooks import StopForward, first_tensor, replace_first
+from lit_edit.closed_form.keys import mlp_out_module
+from lit_edit.closed_form.tokens import encode_in_template, pad_rows
 from lit_edit.models import ArchSpec, arch_for
 
 log = logging.getLogger(__name__)

@@ -1,9 +1,9 @@
 """Tuning-location analysis: LocFT-BF at every (module, layer) of a grid, one table + heatmap.
 
-    python recipes/locate.py --data.limit 100
-    python recipes/locate.py --data.path ../shared/data/counterfact-edit-10k.json --data.limit 100 \\
+    python recipes/location_sweep.py --data.limit 100
+    python recipes/location_sweep.py --data.path ../shared/data/counterfact-edit-10k.json --data.limit 100 \\
         --layers [1,5,9,13,17,21,25,29] --modules [attn_out,mlp_up,mlp_gate,mlp_down,block]
-    python recipes/locate.py --model.model path/or/hub-id --layers [0,4,8] --modules [mlp_down]
+    python recipes/location_sweep.py --model.model path/or/hub-id --layers [0,4,8] --modules [mlp_down]
 
 Every location fits the same requests from the same unedited weights (restored bit-exactly in
 between) and is scored after all edits with generation exact match (reliability,
@@ -48,9 +48,9 @@ from lit_edit.cli import instantiate_study, study_parser
 from lit_edit.data.datamodule import EditDataModule
 from lit_edit.editors.finetune import LocFTBF
 from lit_edit.evaluation import EditEvaluation
-from lit_edit.models import atomic_write
+from lit_edit.io import atomic_write
 
-log = logging.getLogger("lit_edit.recipes.locate")
+log = logging.getLogger("lit_edit.recipes.location_sweep")
 
 DEFAULTS = Path(__file__).with_suffix(".yaml")
 
@@ -66,7 +66,7 @@ def main(args: Optional[list[str]] = None) -> list[dict]:
         default="auto",
         help="Locality figure of the recommendation score: token_accuracy, generation, or auto (token_accuracy when that protocol runs).",
     )
-    parser.add_argument("--out_dir", type=str, default="results/locate", help="Where the table and heatmap go.")
+    parser.add_argument("--out_dir", type=str, default="results/location_sweep", help="Where the table and heatmap go.")
     cfg = parser.parse_args(args)
     unknown = [m for m in cfg.modules if m not in LOCATION_KINDS]
     if unknown:

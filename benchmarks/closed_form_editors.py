@@ -1,8 +1,8 @@
 """ROME / MEMIT / EMMET on the embedded model and CounterFact records, evaluated immediately.
 
-    python benchmarks/locate_editors.py                          # 100 records: ROME single, MEMIT/EMMET batch
-    python benchmarks/locate_editors.py --n 20 --editors rome --no-generation
-    python benchmarks/locate_editors.py --sweep rome:2,4,6,8 --n 20   # layer sweep (probability metrics)
+    python benchmarks/closed_form_editors.py                          # 100 records: ROME single, MEMIT/EMMET batch
+    python benchmarks/closed_form_editors.py --n 20 --editors rome --no-generation
+    python benchmarks/closed_form_editors.py --sweep rome:2,4,6,8 --n 20   # layer sweep (probability metrics)
 
 Strategies (editing-methods.md §1): ROME *single* (edit one request, evaluate it immediately,
 restore the original weights, next request); MEMIT and EMMET *batched* (one update for all
@@ -83,7 +83,7 @@ def main(argv=None) -> dict[str, Any]:
     p.add_argument("--mom2_n_samples", type=int, default=1000)
     p.add_argument("--max_templates", type=int, default=None, help="max_templates_per_group of the editors")
     p.add_argument("--v_steps", type=int, default=None)
-    p.add_argument("--out", default="results/locate_editors.json")
+    p.add_argument("--out", default="results/closed_form_editors.json")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("lightning").setLevel(logging.WARNING)

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from lit_edit.data.request import EditRequest
-from lit_edit.locate.hooks import StopForward, first_tensor, stop_after, stop_before
-from lit_edit.locate.tokens import encode_in_template, pad_rows
+from lit_edit.closed_form.hooks import StopForward, first_tensor, stop_after, stop_before
+from lit_edit.closed_form.tokens import encode_in_template, pad_rows
 from lit_edit.models import ArchSpec, arch_for
 
 __all__ = ["mlp_out_module", "keys_at", "block_outputs_at", "template_average", "projection_weight"]
