@@ -258,7 +258,7 @@ def test_lora_variant_trains_adapter_and_merges_into_masked_tensor(tiny_llama, t
 
 def test_ft_l_loss_scores_every_target_token_at_the_last_prompt_position(tiny_llama, tokenizer):
     from lit_edit.data import EditRequest
-    from lit_edit.editors.finetune import ft_loss
+    from lit_edit.losses import ft_loss
 
     req = EditRequest(prompt="The capital of France is", target_new="New York City", case_id="x")
     loss = ft_loss(tiny_llama, tokenizer, [req], kind="ft_l", append_eos=False)
@@ -272,7 +272,7 @@ def test_ft_l_loss_scores_every_target_token_at_the_last_prompt_position(tiny_ll
 
 def test_ft_m_loss_matches_hand_computed_target_nll_with_eos(tiny_llama, tokenizer):
     from lit_edit.data import EditRequest
-    from lit_edit.editors.finetune import ft_loss
+    from lit_edit.losses import ft_loss
 
     reqs = [EditRequest(prompt="Hello there", target_new="Paris"), EditRequest(prompt="A much longer prompt here", target_new="New York")]
     loss = ft_loss(tiny_llama, tokenizer, reqs, kind="ft_m", append_eos=True)

@@ -44,14 +44,13 @@ import torch
 from torch import nn
 
 from lit_edit.data.request import EditRequest
-from lit_edit.data.tokenize import IGNORE_INDEX, encode_pairs
-from lit_edit.models import logits_at
 from lit_edit.editors.base import Editor
+from lit_edit.losses import PreservationTerm, ft_loss, preservation_loss
 from lit_edit.masks import ElementMaskHook, resolve_mask
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DepthFirstFT", "FineTuneEditor", "LocFTBF", "FT_DEFAULT_LOCATIONS", "ft_loss"]
+__all__ = ["DepthFirstFT", "FineTuneEditor", "LocFTBF", "FT_DEFAULT_LOCATIONS"]
 
 #: Default tuning locations: (model_type, number of blocks) -> mask (+ optional lr).
 #: Published: Llama-3-8B block 22 ``down_proj``; Qwen2.5-7B block 6 ``down_proj``; Mistral-7B the
@@ -63,39 +62,6 @@ FT_DEFAULT_LOCATIONS: dict[tuple[str, int], dict[str, Any]] = {
     ("mistral", 32): {"target_modules": r".*layers\.23\.(self_attn|mlp)\.\w+_proj", "lr": 5e-5},
     ("llama", 30): {"target_modules": ["mlp.gate_proj"], "layers_to_transform": [4], "lr": 2e-3},
 }
-
-
-def ft_loss(
-    model: nn.Module,
-    tokenizer: Any,
-    requests: list[EditRequest],
-    kind: str = "ft_m",
-    append_eos: bool = True,
-) -> torch.Tensor:
-    """Per-request loss, shape ``(B,)``: FT-M (target tokens teacher forced) or FT-L."""
-    device = next(model.parameters()).device
-    enc = encode_pairs(tokenizer, [r.prompt for r in requests], [r.target_new for r in requests], append_eos)
-    input_ids = enc["input_ids"].to(device)
-    attn = enc["attention_mask"].to(device)
-    labels = enc["labels"].to(device)
-    if kind == "ft_m":
-        # logits at t-1 predict the target token at t; only those rows go through the LM head
-        predicts = torch.zeros_like(labels, dtype=torch.bool)
-        predicts[:, :-1] = labels[:, 1:] != IGNORE_INDEX
-        logits = logits_at(model, input_ids, attn, predicts)
-        nll = torch.nn.functional.cross_entropy(logits.float(), labels[:, 1:][predicts[:, :-1]], reduction="none")
-        rows = predicts.nonzero(as_tuple=True)[0]
-        per_row = torch.zeros(len(requests), dtype=nll.dtype, device=device).index_add(0, rows, nll)
-        return per_row / predicts.sum(1).clamp_min(1)
-    if kind == "ft_l":
-        last = enc["prompt_lengths"].to(device) - 1
-        at_last = torch.zeros_like(labels, dtype=torch.bool)
-        at_last[torch.arange(len(requests), device=device), last] = True
-        prompt_logits = logits_at(model, input_ids, attn, at_last).float().log_softmax(-1)  # (B, V)
-        mask = labels != IGNORE_INDEX
-        nll = -prompt_logits.gather(1, labels.clamp_min(0)) * mask
-        return nll.sum(1) / mask.sum(1).clamp_min(1)
-    raise ValueError(f"unknown loss {kind!r}; use 'ft_m' or 'ft_l'")
 
 
 class FineTuneEditor(Editor):
@@ -166,8 +132,8 @@ class FineTuneEditor(Editor):
         self._prepared = False
         #: Optimizer steps taken by the last fit (batches below ``min_loss`` take none).
         self.optimizer_steps = 0
-        #: tensor name -> (C, W₀ as (out, in), tr(W₀ C W₀ᵀ)), filled when fitting starts.
-        self._preserve: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        #: tensor name -> its preservation term (C, W₀ as (out, in), tr(W₀ C W₀ᵀ)), filled when fitting starts.
+        self._preserve: dict[str, PreservationTerm] = {}
 
     # ------------------------------------------------------------------ configuration
 
@@ -329,23 +295,16 @@ class FineTuneEditor(Editor):
                 dtype="float64",
                 model_name=self.base_model_name,
             )
-            c = sm.mom2.to(device=p.device, dtype=torch.float32)
-            w0 = self._originals[name].to(device=p.device, dtype=torch.float32)
-            w0 = w0.T if self.arch.conv1d else w0  # (out, in)
-            scale = ((w0 @ c) * w0).sum()
-            self._preserve[name] = (c, w0, scale)
+            w0 = self._originals[name].to(p.device)
+            self._preserve[name] = PreservationTerm.build(sm.mom2, w0.T if self.arch.conv1d else w0)
             log.info("preservation statistics for %s: %d tokens", name, sm.count)
 
     def preservation_loss(self) -> torch.Tensor:
         """Σ over tuned tensors of ``tr(ΔW C ΔWᵀ) / tr(W₀ C W₀ᵀ)``."""
-        params = self._trainable
-        total = None
-        for name, (c, w0, scale) in self._preserve.items():
-            w = params[name].float()
-            delta = (w.T if self.arch.conv1d else w) - w0
-            term = ((delta @ c) * delta).sum() / scale
-            total = term if total is None else total + term
-        return total
+        weights = {name: self._trainable[name] for name in self._preserve}
+        if self.arch.conv1d:
+            weights = {name: w.T for name, w in weights.items()}
+        return preservation_loss(self._preserve, weights)
 
     def on_fit_start(self) -> None:
         self.optimizer_steps = 0
