@@ -16,6 +16,7 @@ from lit_edit.data.request import EditRequest, PromptAnswer
 from lit_edit.data.tokenize import encode_pairs, target_nll
 from lit_edit.evaluation import (
     EditEvaluation,
+    Evaluator,
     ExactMatch,
     Perplexity,
     ProbabilityComparison,
@@ -298,16 +299,17 @@ def test_callback_rejects_unknown_protocol():
 
 
 def test_evaluate_without_trainer(model, tok):
-    cb = EditEvaluation(protocols=["probability", "token_accuracy", "generation"], max_new_tokens=4, print_table=False)
-    before = cb.evaluate(model, tok, requests())
+    evaluator = Evaluator(protocols=["probability", "token_accuracy", "generation"], max_new_tokens=4)
+    result = evaluator.evaluate(model, tok, requests())
+    before = result.figures
     assert before["tok_acc/locality"] == 1.0 and before["gen_em/locality_agreement"] == 1.0
     assert "tok_acc/portability" in before and "gen_em/portability" in before
     assert {"prob/ES", "prob/EM", "prob/PS", "prob/PM", "prob/NS", "prob/NM", "prob/S"} <= set(before)
     # only the first request has a ground truth: ES is a fraction of one request
     assert before["prob/ES"] in (0.0, 100.0)
     other = tiny_llama(tok, seed=3)
-    vs_self = cb.evaluate(other, tok, requests(), reference=cb.reference)
-    vs_model = cb.evaluate(other, tok, requests(), reference=model)
+    vs_self = evaluator.evaluate(other, tok, requests(), reference=result.reference).figures
+    vs_model = evaluator.evaluate(other, tok, requests(), reference=model).figures
     assert vs_self == vs_model
     assert vs_self["tok_acc/locality"] < 1.0  # another random model disagrees with the reference
 

@@ -1,7 +1,18 @@
-"""Evaluation of edits: scoring primitives, torchmetrics metrics and the ``EditEvaluation`` callback."""
+"""Evaluation of edits.
 
-from lit_edit.evaluation.callback import PROTOCOLS, EditEvaluation, EvaluationReference
+- :mod:`~lit_edit.evaluation.evaluator`: the engine, :class:`Evaluator` / :func:`evaluate`, usable
+  without a Trainer;
+- :mod:`~lit_edit.evaluation.protocols`: protocol, figure and timing descriptions;
+- :mod:`~lit_edit.evaluation.report`: flat metrics, summary JSON and the before → after table;
+- :mod:`~lit_edit.evaluation.callback`: :class:`EditEvaluation`, the engine run from Lightning hooks;
+- :mod:`~lit_edit.evaluation.metrics` and :mod:`~lit_edit.evaluation.scoring`: torchmetrics
+  metrics and the scoring primitives.
+"""
+
+from lit_edit.evaluation.callback import EditEvaluation
+from lit_edit.evaluation.evaluator import Evaluation, EvaluationReference, Evaluator, evaluate
 from lit_edit.evaluation.metrics import ExactMatch, Perplexity, ProbabilityComparison, TokenAccuracy
+from lit_edit.evaluation.protocols import FIGURES, PROTOCOLS, TIMING
 from lit_edit.evaluation.scoring import (
     STOP_STRINGS,
     StopOnStrings,
@@ -17,16 +28,21 @@ from lit_edit.evaluation.scoring import (
 )
 
 __all__ = [
+    "FIGURES",
     "PROTOCOLS",
     "STOP_STRINGS",
+    "TIMING",
     "EditEvaluation",
+    "Evaluation",
     "EvaluationReference",
+    "Evaluator",
     "ExactMatch",
     "Perplexity",
     "ProbabilityComparison",
     "StopOnStrings",
     "TokenAccuracy",
     "continuation_nll",
+    "evaluate",
     "greedy_generate",
     "ngram_entropy",
     "normalize_answer",

@@ -1,0 +1,357 @@
+"""The evaluation engine: every protocol's figures for a model on a list of requests, no Trainer needed.
+
+    from lit_edit.evaluation import Evaluator
+
+    evaluator = Evaluator(protocols=["probability", "token_accuracy", "generation"])
+    before = evaluator.evaluate(model, tokenizer, requests)            # the unedited model
+    ...                                                                 # edit the model
+    after = evaluator.evaluate(model, tokenizer, requests, reference=before.reference)
+    after.figures["gen_em/locality_agreement"]
+
+:meth:`Evaluator.evaluate` returns an :class:`Evaluation`: the figures and the
+:class:`EvaluationReference` they were compared with. Without a reference the evaluated model
+is its own (agreements are 1.0) and the reference it produces is returned, ready for the
+evaluation of the edited model. The :class:`~lit_edit.evaluation.EditEvaluation` callback runs
+the same engine from Lightning's hooks.
+
+Protocols and figures are described in :mod:`lit_edit.evaluation.protocols`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+
+from lit_edit.data.corpus import corpus_name, load_texts
+from lit_edit.data.request import EditRequest
+from lit_edit.evaluation.metrics import ExactMatch, Perplexity, ProbabilityComparison, TokenAccuracy
+from lit_edit.evaluation.protocols import FLUENCY_TOKENS, PROTOCOLS, check_protocols
+from lit_edit.evaluation.scoring import greedy_generate, ngram_entropy, normalize_answer, score_pairs, text_nll
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Evaluation", "EvaluationReference", "Evaluator", "evaluate"]
+
+
+@dataclass
+class EvaluationReference:
+    """What the unedited model produced, for the locality agreement figures of a later evaluation."""
+
+    num_requests: int
+    locality_argmax: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)
+    """Argmax ids on each ``(locality prompt, answer)`` pair, teacher forced."""
+    locality_generations: dict[str, str] = field(default_factory=dict)
+    """Greedy generation (truncated) from each locality prompt."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """A checkpoint-friendly form (lists and dicts of plain values and tensors)."""
+        return {
+            "num_requests": self.num_requests,
+            "locality_argmax": [[prompt, answer, ids] for (prompt, answer), ids in self.locality_argmax.items()],
+            "locality_generations": dict(self.locality_generations),
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> "EvaluationReference":
+        return cls(
+            num_requests=state["num_requests"],
+            locality_argmax={(prompt, answer): ids for prompt, answer, ids in state["locality_argmax"]},
+            locality_generations=dict(state["locality_generations"]),
+        )
+
+
+@dataclass
+class Evaluation:
+    """The result of :meth:`Evaluator.evaluate`."""
+
+    figures: dict[str, float]
+    """Every figure of the protocols, by name (figures without data are left out)."""
+    reference: EvaluationReference
+    """The reference the locality figures were compared with (built by this call when none was given)."""
+    seconds: float
+
+
+class Evaluator:
+    """Scores a model on edit requests with the chosen protocols.
+
+    Args:
+        protocols: any of ``probability``, ``token_accuracy``, ``generation``, ``perplexity``
+            and ``fluency`` (64-token generations from the edit prompts).
+        batch_size: prompts per forward / generation batch.
+        max_new_tokens: generation budget of the exact-match protocol.
+        ppl_corpus: perplexity text: ``wiki`` (offline Wikipedia, held-out split), a
+            ``.txt``/``.json``/``.jsonl`` file, a list of strings, or a hub dataset name.
+        ppl_texts: number of perplexity texts.
+        ppl_max_length: tokens per perplexity text (truncated).
+    """
+
+    def __init__(
+        self,
+        protocols: Sequence[str] = ("probability", "token_accuracy", "generation", "perplexity"),
+        batch_size: int = 32,
+        max_new_tokens: int = 32,
+        ppl_corpus: Union[str, Sequence[str]] = "wiki",
+        ppl_texts: int = 100,
+        ppl_max_length: int = 128,
+    ):
+        if batch_size < 1 or max_new_tokens < 1 or ppl_texts < 1 or ppl_max_length < 2:
+            raise ValueError("batch_size, max_new_tokens and ppl_texts must be >= 1 and ppl_max_length >= 2")
+        self.protocols = check_protocols(protocols)
+        self.batch_size = batch_size
+        self.max_new_tokens = max_new_tokens
+        self.ppl_corpus = ppl_corpus
+        self.ppl_texts = ppl_texts
+        self.ppl_max_length = ppl_max_length
+        self._texts: Optional[list[str]] = None
+
+    def with_protocols(self, protocols: Sequence[str]) -> "Evaluator":
+        """The same settings restricted to ``protocols`` (shares the loaded perplexity texts)."""
+        other = object.__new__(Evaluator)
+        other.__dict__.update(self.__dict__)
+        other.protocols = check_protocols(protocols)
+        return other
+
+    @property
+    def needs_requests(self) -> bool:
+        """Whether any protocol scores requests (perplexity alone does not)."""
+        return any(p != "perplexity" for p in self.protocols)
+
+    # ------------------------------------------------------------------ descriptions
+
+    def corpus_label(self) -> str:
+        source = self.ppl_corpus
+        if isinstance(source, str) and source.partition(":")[0] == "wiki":
+            return f"offline Wikipedia ({source.partition(':')[2] or 'heldout'} split)"
+        return str(source) if isinstance(source, (str, os.PathLike)) else "a given list of texts"
+
+    def describe(self, protocol: str) -> str:
+        """The recorded description of ``protocol`` with these settings."""
+        return PROTOCOLS[protocol].format(
+            max_new_tokens=self.max_new_tokens,
+            ppl_texts=len(self._texts) if self._texts is not None else self.ppl_texts,
+            ppl_corpus=self.corpus_label(),
+            ppl_max_length=self.ppl_max_length,
+            fluency_tokens=FLUENCY_TOKENS,
+        )
+
+    def descriptions(self) -> dict[str, str]:
+        """``{protocol: description}`` for every selected protocol."""
+        return {p: self.describe(p) for p in self.protocols}
+
+    def perplexity_texts(self) -> list[str]:
+        """The held-out perplexity texts (read once)."""
+        if self._texts is None:
+            self._texts = load_texts(self.ppl_corpus, split="heldout", limit=self.ppl_texts)
+            if not self._texts:
+                raise ValueError(f"perplexity corpus {self.corpus_label()!r} has no text")
+        return self._texts
+
+    # ------------------------------------------------------------------ evaluation
+
+    def evaluate(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        requests: Sequence[EditRequest],
+        reference: Union[EvaluationReference, nn.Module, None] = None,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        partial: bool = False,
+    ) -> Evaluation:
+        """Every figure of the protocols for ``model`` on ``requests``.
+
+        Args:
+            reference: what the locality agreement figures compare with: an
+                :class:`EvaluationReference` from an earlier call, or the unedited model itself.
+                ``None``: the evaluated model is its own reference, returned in the result.
+            rank, world_size: score only the ``rank``-th share of the requests and perplexity
+                texts (metric states are sums, reduced across processes by torchmetrics).
+            partial: ``requests`` are a subset of those the reference was built for (one edit
+                batch of an immediate evaluation).
+        """
+        requests = list(requests)
+        started = time.perf_counter()
+        if isinstance(reference, nn.Module):
+            reference = self.make_reference(reference, tokenizer, requests[rank::world_size], num_requests=len(requests))
+        if reference is not None and reference.num_requests != len(requests) and not partial:
+            raise ValueError(f"the reference covers {reference.num_requests} requests, this evaluation {len(requests)}")
+        mine = requests[rank::world_size]  # each process scores its share; metric states are summed
+        made = EvaluationReference(num_requests=len(requests)) if reference is None else None
+        ref = reference if reference is not None else made
+        figures: dict[str, torch.Tensor] = {}
+
+        if "probability" in self.protocols or "token_accuracy" in self.protocols:
+            figures.update(self._teacher_forced(model, tokenizer, mine, ref, made))
+        if "generation" in self.protocols:
+            figures.update(self._generation(model, tokenizer, mine, ref, made))
+        if "fluency" in self.protocols:
+            texts = greedy_generate(model, tokenizer, [r.prompt for r in mine], FLUENCY_TOKENS, self.batch_size, stop_strings=(), progress=True)
+            metric = _mean_metric()
+            metric.update(torch.tensor([ngram_entropy(t) for t in texts], dtype=torch.float64))
+            figures["fluency/ngram_entropy"] = metric.compute()
+        if "perplexity" in self.protocols:
+            texts = self.perplexity_texts()[rank::world_size]
+            total, count = text_nll(model, tokenizer, texts, self.ppl_max_length, self.batch_size, progress=True)
+            metric = Perplexity()
+            metric.update(total, count)
+            figures[f"ppl/{corpus_name(self.ppl_corpus)}"] = metric.compute()
+        out = {k: float(v) for k, v in figures.items() if math.isfinite(float(v))}
+        seconds = time.perf_counter() - started
+        log.info("evaluated %d requests in %.1f s", len(requests), seconds)
+        return Evaluation(figures=out, reference=ref, seconds=seconds)
+
+    def make_reference(
+        self, model: nn.Module, tokenizer: Any, requests: Sequence[EditRequest], num_requests: Optional[int] = None
+    ) -> EvaluationReference:
+        """What ``model`` (the unedited one) answers on the locality prompts of ``requests``.
+
+        Records the teacher-forced argmax on each locality answer (``token_accuracy``) and the
+        greedy generation from each locality prompt (``generation``).
+        """
+        ref = EvaluationReference(num_requests=len(requests) if num_requests is None else num_requests)
+        pairs = list(dict.fromkeys((x.prompt, x.answer) for r in requests for x in r.locality))
+        if "token_accuracy" in self.protocols and pairs:
+            _, tokens = score_pairs(model, tokenizer, [p for p, _ in pairs], [a for _, a in pairs], self.batch_size)
+            ref.locality_argmax.update({pair: pred for pair, (pred, _) in zip(pairs, tokens)})
+        if "generation" in self.protocols and pairs:
+            prompts = list(dict.fromkeys(p for p, _ in pairs))
+            texts = greedy_generate(model, tokenizer, prompts, self.max_new_tokens, self.batch_size)
+            ref.locality_generations.update(zip(prompts, texts))
+        return ref
+
+    def _teacher_forced(self, model, tokenizer, requests, ref, made) -> dict[str, torch.Tensor]:
+        want_prob = "probability" in self.protocols
+        want_tok = "token_accuracy" in self.protocols
+        pairs: dict[tuple[str, str], int] = {}
+
+        def need(prompt: str, target: str) -> None:
+            pairs.setdefault((prompt, target), len(pairs))
+
+        for r in requests:
+            need(r.prompt, r.target_new)
+            for p in r.paraphrase_prompts:
+                need(p, r.target_new)
+            for loc in r.locality:
+                need(loc.prompt, loc.answer)
+                if want_prob:
+                    need(loc.prompt, r.target_new)
+            if want_prob and r.ground_truth is not None:
+                need(r.prompt, r.ground_truth)
+                for p in r.paraphrase_prompts:
+                    need(p, r.ground_truth)
+            if want_tok:
+                for port in r.portability:
+                    need(port.prompt, port.answer)
+        keys = list(pairs)
+        if keys:
+            nll, tokens = score_pairs(
+                model, tokenizer, [k[0] for k in keys], [k[1] for k in keys], self.batch_size, with_argmax=want_tok, progress=True
+            )
+        else:
+            nll, tokens = torch.zeros(0), []
+        score = {k: nll[i] for k, i in pairs.items()}
+        argmax = {k: tokens[i] for k, i in pairs.items()} if tokens else {}
+        if made is not None and want_tok:
+            for r in requests:
+                for loc in r.locality:
+                    made.locality_argmax[(loc.prompt, loc.answer)] = argmax[(loc.prompt, loc.answer)][0]
+
+        out: dict[str, torch.Tensor] = {}
+        if want_prob:
+            prob = ProbabilityComparison()
+            for r in requests:
+                if r.ground_truth is not None:
+                    prob.update([score[(r.prompt, r.target_new)]], [score[(r.prompt, r.ground_truth)]], "edit")
+                    paras = r.paraphrase_prompts
+                    if paras:
+                        prob.update([score[(p, r.target_new)] for p in paras], [score[(p, r.ground_truth)] for p in paras], "paraphrase")
+                if r.locality:
+                    prob.update(
+                        [score[(loc.prompt, r.target_new)] for loc in r.locality],
+                        [score[(loc.prompt, loc.answer)] for loc in r.locality],
+                        "neighborhood",
+                    )
+            out.update({f"prob/{k}": v for k, v in prob.compute().items()})
+        if want_tok:
+            accs = {name: TokenAccuracy() for name in ("reliability", "generalization", "locality", "portability")}
+            for r in requests:
+                accs["reliability"].update(*argmax[(r.prompt, r.target_new)])
+                for p in r.paraphrase_prompts:
+                    accs["generalization"].update(*argmax[(p, r.target_new)])
+                for loc in r.locality:
+                    now = argmax[(loc.prompt, loc.answer)][0]
+                    accs["locality"].update(now, _lookup(ref.locality_argmax, (loc.prompt, loc.answer), "token_accuracy"))
+                for port in r.portability:
+                    accs["portability"].update(*argmax[(port.prompt, port.answer)])
+            out.update({f"tok_acc/{k}": _quiet_compute(m) for k, m in accs.items()})
+        return out
+
+    def _generation(self, model, tokenizer, requests, ref, made) -> dict[str, torch.Tensor]:
+        prompts: dict[str, int] = {}
+        for r in requests:
+            for p in (r.prompt, *r.paraphrase_prompts, *(x.prompt for x in r.locality), *(x.prompt for x in r.portability)):
+                prompts.setdefault(p, len(prompts))
+        texts = greedy_generate(model, tokenizer, list(prompts), self.max_new_tokens, self.batch_size, progress=True)
+        gen = dict(zip(prompts, texts))
+        if made is not None:
+            made.locality_generations.update({x.prompt: gen[x.prompt] for r in requests for x in r.locality})
+        ems = {name: ExactMatch() for name in ("reliability", "generalization", "locality", "portability")}
+        agreement = _mean_metric()
+        for r in requests:
+            ems["reliability"].update([gen[r.prompt]], [r.target_new])
+            ems["generalization"].update([gen[p] for p in r.paraphrase_prompts], [r.target_new] * len(r.paraphrase_prompts))
+            ems["locality"].update([gen[x.prompt] for x in r.locality], [x.answer for x in r.locality])
+            for x in r.locality:
+                before = _lookup(ref.locality_generations, x.prompt, "generation")
+                same = normalize_answer(gen[x.prompt]) == normalize_answer(before)
+                agreement.update(torch.tensor(float(same), dtype=torch.float64))
+            ems["portability"].update([gen[x.prompt] for x in r.portability], [x.answer for x in r.portability])
+        out = {f"gen_em/{k}": _quiet_compute(m) for k, m in ems.items()}
+        out["gen_em/locality_agreement"] = _quiet_compute(agreement)
+        return out
+
+
+def evaluate(
+    model: nn.Module,
+    tokenizer: Any,
+    requests: Sequence[EditRequest],
+    reference: Union[EvaluationReference, nn.Module, None] = None,
+    **settings: Any,
+) -> Evaluation:
+    """``Evaluator(**settings).evaluate(model, tokenizer, requests, reference)``."""
+    return Evaluator(**settings).evaluate(model, tokenizer, requests, reference)
+
+
+def _lookup(table: dict, key: Any, protocol: str) -> Any:
+    try:
+        return table[key]
+    except KeyError:
+        raise ValueError(
+            f"the reference has no {protocol} output for {key!r}: build it with the same requests and the "
+            f"{protocol!r} protocol enabled"
+        ) from None
+
+
+def _mean_metric():
+    from torchmetrics.aggregation import MeanMetric
+
+    return MeanMetric(nan_strategy="error")
+
+
+def _quiet_compute(metric) -> torch.Tensor:
+    """``compute()`` without torchmetrics' warning for a metric that saw no data (gives NaN)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*compute.*before.*update.*")
+        value = metric.compute()
+    return torch.as_tensor(value, dtype=torch.float64)
+
