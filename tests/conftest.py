@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
-EMBEDDED_DIR = ROOT / "checkpoints" / "smollm2-135m"
+from helpers import ROOT, SHARED_DATA, make_tiny_llama
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if SHARED_DATA.is_dir():  # the benchmark names (counterfact, zsre, wikibigedit) resolve to the local copies
+    os.environ.setdefault("LIT_EDIT_DATA", str(SHARED_DATA))
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
@@ -43,29 +43,6 @@ def tokenizer(embedded_dir):
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
-
-
-def make_tiny_llama(vocab_size: int, seed: int = 0, layers: int = 2, **config):
-    """A 2-block random Llama; ``config`` overrides ``LlamaConfig`` fields (e.g. token ids)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        **{
-            "vocab_size": vocab_size,
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "num_hidden_layers": layers,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "max_position_embeddings": 256,
-            "tie_word_embeddings": True,
-            **config,
-        }
-    )
-    model = LlamaForCausalLM(cfg).eval()
-    model.config.name_or_path = f"tiny-llama-seed{seed}"
-    return model
 
 
 @pytest.fixture
@@ -113,18 +90,3 @@ def cache(tmp_path, monkeypatch):
     """A per-test ``LIT_EDIT_HOME``: statistics and template caches of this test only."""
     monkeypatch.setenv("LIT_EDIT_HOME", str(tmp_path))
     return tmp_path
-
-
-def write_corpus(directory) -> str:
-    """A small generic-text file (60 lines of 40 frequent English words) for key statistics."""
-    path = Path(directory) / "corpus.txt"
-    words = "the of and a in to was is for on as by with he at from his an were are which this be".split()
-    g = torch.Generator().manual_seed(0)
-    lines = [" ".join(words[i] for i in torch.randint(len(words), (40,), generator=g).tolist()) for _ in range(60)]
-    path.write_text("\n".join(lines))
-    return str(path)
-
-
-def requires_shared_data(name: str):
-    path = SHARED_DATA / name
-    return pytest.mark.skipif(not path.exists(), reason=f"{path} not present (real benchmark data lives in ../shared/data)")

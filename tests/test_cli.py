@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, make_tiny_llama
+from helpers import ROOT, make_tiny_llama
 
 RECIPES = ROOT / "recipes"
 

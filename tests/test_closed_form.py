@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_corpus
+from helpers import write_corpus
 
 from lit_edit.data.request import EditRequest, RecordError
 

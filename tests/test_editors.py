@@ -7,7 +7,7 @@ import json
 import lightning as L
 import pytest
 import torch
-from conftest import make_tiny_llama, write_corpus
+from helpers import make_tiny_llama, write_corpus
 
 from lit_edit.data import EditDataModule
 from lit_edit.edits import EditMismatchError, apply_edit, load_edit

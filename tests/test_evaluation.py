@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_tiny_llama
+from helpers import make_tiny_llama
 from lit_edit.data.corpus import corpus_name, corpus_version, load_texts, wiki_texts
 from lit_edit.data.request import EditRequest, PromptAnswer
 from lit_edit.data.tokenize import encode_pairs, target_nll
