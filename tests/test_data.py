@@ -657,6 +657,130 @@ def test_unsupported_source_type():
         load_requests({"prompt": "x", "target_new": "y"})
 
 
+# --------------------------------------------------------------------------- benchmarks by name
+
+
+@pytest.fixture
+def data_env(tmp_path, monkeypatch):
+    """An empty ``$LIT_EDIT_DATA`` directory and a per-test cache root (no local copies yet)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    monkeypatch.setenv("LIT_EDIT_DATA", str(data))
+    monkeypatch.setenv("LIT_EDIT_HOME", str(tmp_path / "home"))
+    return data
+
+
+def test_name_resolves_from_lit_edit_data(data_env, tmp_path, monkeypatch, caplog):
+    import logging
+    import os
+    import shutil
+
+    from lit_edit.data import EditDataModule
+
+    shutil.copy(FIXTURE_FILES["counterfact"], data_env / "counterfact-small.json")
+    missing = tmp_path / "not-there"
+    monkeypatch.setenv("LIT_EDIT_DATA", os.pathsep.join([str(missing), str(data_env)]))  # several directories
+    expected = load_requests(FIXTURE_FILES["counterfact"], schema="counterfact")  # the original nested schema
+    with caplog.at_level(logging.INFO, logger="lit_edit"):
+        assert load_requests("counterfact") == expected
+    assert str(data_env / "counterfact-small.json") in caplog.text  # the file the name resolved to
+    assert "schema 'counterfact'" in caplog.text
+    assert load_requests("CounterFact", limit=2) == expected[:2]
+    assert EditDataModule(path="counterfact", limit=2).load() == expected[:2]
+
+
+def test_lookup_order_and_cache_root(data_env, tmp_path, monkeypatch):
+    home_data = tmp_path / "home" / "data"
+    home_data.mkdir(parents=True)
+    (home_data / "zsre-cached.json").write_text(json.dumps(raw_records("zsre")[:1]))
+    assert len(load_requests("zsre")) == 1  # $LIT_EDIT_DATA has no zsRE file: <cache root>/data
+    (data_env / "ZSRE-mend.JSONL").write_text("\n".join(json.dumps(r) for r in raw_records("zsre")))
+    assert load_requests("zsre") == load_requests(FIXTURE_FILES["zsre"])  # $LIT_EDIT_DATA first, any case
+    monkeypatch.delenv("LIT_EDIT_DATA")
+    assert len(load_requests("zsre")) == 1
+
+
+def test_local_copy_in_another_schema_of_its_family(data_env):
+    from lit_edit.data.registry import KNOWN_DATASETS
+
+    flat = raw_records("counterfact_flat")
+    (data_env / "wikibigedit-3k.json").write_text(json.dumps(flat))  # LocFT's WikiBigEdit subset is flat
+    assert load_requests("wikibigedit") == load_requests(flat)
+    (data_env / "counterfact-wrong.json").write_text(json.dumps(raw_records("zsre")))
+    with pytest.raises(ValueError, match="schema 'zsre'") as excinfo:
+        load_requests("counterfact")
+    for schema in KNOWN_DATASETS["counterfact"].schemas:
+        assert schema in str(excinfo.value)
+    assert load_requests("counterfact", schema="zsre") == load_requests(FIXTURE_FILES["zsre"])  # an explicit schema wins
+
+
+def test_offline_error_names_the_data_set_and_the_variable(data_env, monkeypatch):
+    from lit_edit.data import DataUnavailableError, EditDataModule
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(DataUnavailableError) as excinfo:
+        load_requests("counterfact")
+    msg = str(excinfo.value)
+    assert "'counterfact'" in msg and "LIT_EDIT_DATA" in msg and "HF_DATASETS_OFFLINE" in msg
+    assert "counterfact*.json" in msg  # the file pattern expected
+    assert str(data_env) in msg and "data" in msg  # the directories searched
+    with pytest.raises(DataUnavailableError, match="'wikibigedit'"):
+        EditDataModule(path="wikibigedit").load()
+
+
+def test_hub_copy_when_there_is_no_local_one(data_env, monkeypatch):
+    import datasets
+
+    from lit_edit.data import DataUnavailableError
+    from lit_edit.data.registry import KNOWN_DATASETS
+
+    calls = []
+
+    def fake_load_dataset(path, split=None, **kwargs):
+        calls.append((path, split, kwargs))
+        return datasets.Dataset.from_list(raw_records("counterfact" if path == "azhx/counterfact" else "zsre"))
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    assert load_requests("counterfact") == load_requests(FIXTURE_FILES["counterfact"])
+    assert calls[-1] == ("azhx/counterfact", "train", {})
+    assert load_requests("zsre", split="validation") == load_requests(FIXTURE_FILES["zsre"])
+    assert calls[-1] == ("json", "validation", {"data_files": KNOWN_DATASETS["zsre"].data_files})
+    # the Hub copy is read in its own schema, not detected from the records
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: datasets.Dataset.from_list(raw_records("zsre")))
+    with pytest.raises(RecordError, match="requested_rewrite"):
+        load_requests("counterfact")
+
+    def unreachable(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'azhx/counterfact' on the Hub (ConnectTimeout)")
+
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(datasets, "load_dataset", unreachable)
+    with pytest.raises(DataUnavailableError, match="ConnectTimeout") as excinfo:
+        load_requests("counterfact")
+    assert "LIT_EDIT_DATA" in str(excinfo.value) and "azhx/counterfact" in str(excinfo.value)
+
+
+def test_unknown_name_lists_the_known_ones(data_env):
+    from lit_edit.data import KNOWN_DATASETS, EditDataModule
+
+    with pytest.raises(FileNotFoundError, match="'counterfakt'") as excinfo:
+        load_requests("counterfakt")
+    with pytest.raises(ValueError, match="'counterfakt'") as early:  # at construction, before any model loads
+        EditDataModule(path="counterfakt")
+    for name in KNOWN_DATASETS:
+        assert name in str(excinfo.value) and name in str(early.value)
+
+
+def test_an_existing_file_is_not_taken_for_a_name(tmp_path, monkeypatch, data_env):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "zsre").write_text("[]")  # a file named like a data set is a file
+    with pytest.raises(ValueError, match="unsupported file type"):
+        load_requests("zsre")
+    with pytest.raises(FileNotFoundError, match="counterfact.json"):
+        load_requests("counterfact.json")  # looks like a file: a missing file, not the data set
+
+
 # --------------------------------------------------------------------------- real benchmark data
 
 
@@ -708,3 +832,15 @@ def test_real_benchmark_files():
         assert r.paraphrase_prompts == (rec["rephrase"],)
         assert r.locality == (PromptAnswer(rec["loc"], rec["loc_ans"]),)
         assert r.portability == ()
+
+
+@pytest.mark.skipif(
+    not all((SHARED_DATA / f).is_file() for f in ("counterfact-edit-10k.json", "zsre-mend-1k.json", "wikibigedit-1500.json")),
+    reason=f"real benchmark data not found in {SHARED_DATA} (it is kept outside the repository)",
+)
+def test_real_benchmarks_by_name(monkeypatch):
+    monkeypatch.setenv("LIT_EDIT_DATA", str(SHARED_DATA))  # as tests/conftest.py sets it by default
+    assert load_requests("counterfact", limit=20) == load_requests(SHARED_DATA / "counterfact-edit-10k.json", limit=20)
+    assert load_requests("zsre", limit=20) == load_requests(SHARED_DATA / "zsre-mend-1k.json", limit=20)
+    wbe = load_requests("wikibigedit", offset=1490)
+    assert len(wbe) == 10 and all(r.ground_truth is None and r.locality for r in wbe)

@@ -8,6 +8,7 @@ requests (:attr:`EditDataModule.eval_requests`).
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any, Optional
 
 import lightning as L
@@ -15,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lit_edit.data.loaders import SCHEMAS, load_requests
+from lit_edit.data.registry import known_dataset, unknown_source_message
 from lit_edit.data.request import EditRequest
 
 log = logging.getLogger(__name__)
@@ -86,12 +88,23 @@ def _as_list(batch: list[EditRequest]) -> list[EditRequest]:
     return list(batch)
 
 
+def _is_unknown_name(path: str) -> bool:
+    """A bare word (no file suffix, no directory) that is neither a file nor a known benchmark."""
+    p = Path(path)
+    if known_dataset(path) is not None or p.exists() or p.suffix in (".json", ".jsonl"):
+        return False
+    return "/" not in path and "\\" not in path
+
+
 class EditDataModule(L.LightningDataModule):
-    """Edit requests from a file, a ``datasets`` source or the built-in demo set.
+    """Edit requests from a file, a known benchmark, a ``datasets`` source or the built-in demo set.
 
     Args:
-        path: ``.json``/``.jsonl`` file, ``datasets`` name (network), or ``None``/``"demo"``
-            for the built-in demo edits.
+        path: a ``.json``/``.jsonl`` file; the name of a known benchmark (``counterfact``,
+            ``zsre``, ``wikibigedit``), read from a local copy in ``$LIT_EDIT_DATA`` or
+            ``<cache root>/data`` when there is one, else from the Hugging Face Hub (network;
+            see :mod:`lit_edit.data.registry`); a Hub dataset id ``owner/name`` (network); or
+            ``None``/``"demo"`` for the built-in demo edits.
         schema: record schema (auto-detected when ``None``): ``counterfact``,
             ``counterfact_flat``, ``zsre``, ``wikibigedit`` or ``lit_edit``.
         limit: use at most this many requests (after ``offset``).
@@ -103,7 +116,8 @@ class EditDataModule(L.LightningDataModule):
         eval_limit: evaluate on at most this many of the requests (default: all).
         require_subject: reject requests whose subject is missing or not in the prompt
             (also enforced automatically for editors that need it).
-        split: split name for ``datasets`` sources.
+        split: split name for ``datasets`` sources (default ``train``, or a known benchmark's
+            own split of its Hub copy).
     """
 
     def __init__(
@@ -116,7 +130,7 @@ class EditDataModule(L.LightningDataModule):
         shuffle: bool = True,
         eval_limit: Optional[int] = None,
         require_subject: bool = False,
-        split: str = "train",
+        split: Optional[str] = None,
         seed: int = 0,
         skip_invalid: bool = False,
         requests: Optional[list[EditRequest]] = None,
@@ -128,6 +142,8 @@ class EditDataModule(L.LightningDataModule):
             raise ValueError(f"batch_size must be >= 0, got {batch_size}")
         if limit is not None and limit <= 0:
             raise ValueError(f"limit must be positive, got {limit}")
+        if requests is None and isinstance(path, str) and path != "demo" and _is_unknown_name(path):
+            raise ValueError(unknown_source_message(path))  # at parse time, before a model is loaded
         self.save_hyperparameters(ignore=["requests"])
         self._given = requests
         self.requests: Optional[list[EditRequest]] = None

@@ -2,7 +2,9 @@
 
 Every schema is a function ``record -> EditRequest``; :func:`detect_schema` picks one from the
 keys of a record, and :func:`load_requests` reads a file, a list of dicts, a ``datasets``
-object or (with network) a ``datasets`` name. Supported schemas:
+object, the name of a known benchmark (``counterfact``, ``zsre``, ``wikibigedit``: a local copy
+found through ``$LIT_EDIT_DATA``, else the Hugging Face Hub, see :mod:`lit_edit.data.registry`)
+or (with network) any Hub dataset id. Supported schemas:
 
 ``counterfact``       original nested CounterFact (``requested_rewrite`` with ``{}`` prompts)
 ``counterfact_flat``  EasyEdit flat CounterFact (``prompt``, ``rephrase_prompt``, ``locality_prompt`` …)
@@ -21,8 +23,9 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
-from lit_edit.io import read_json_records
+from lit_edit.data import registry
 from lit_edit.data.request import EditRequest, PromptAnswer, RecordError
+from lit_edit.io import read_json_records
 
 log = logging.getLogger(__name__)
 
@@ -212,30 +215,40 @@ def _read_file(path: Path) -> list[Any]:
     return data
 
 
-def _records(source: Any, split: str) -> list[Any]:
+def _records(source: Any, split: Optional[str]) -> tuple[list[Any], Optional[registry.KnownDataset], Optional[str]]:
+    """The raw records of ``source``, the known data set it names (if any) and its Hub schema (if from the Hub)."""
     if isinstance(source, (str, Path)):
         path = Path(source)
         if path.exists():
             if path.suffix not in (".json", ".jsonl"):
                 raise ValueError(f"{path}: unsupported file type {path.suffix!r} (use .json or .jsonl)")
-            return _read_file(path)
+            return _read_file(path), None, None
+        known = registry.known_dataset(source)
+        if known is not None:
+            local = registry.find_local(known)
+            if local is not None:
+                log.info("data set %r: reading the local copy %s", known.name, local)
+                return _read_file(local), known, None
+            return registry.load_from_hub(known, split), known, known.schema
         looks_like_file = path.suffix in (".json", ".jsonl")
         if isinstance(source, str) and "/" in source and not source.startswith((".", "/")) and not looks_like_file:
             import datasets  # a hub dataset name: needs network
 
-            return list(datasets.load_dataset(source, split=split))
+            return list(datasets.load_dataset(source, split=split or "train")), None, None
+        if isinstance(source, str) and not looks_like_file and "/" not in source and "\\" not in source:
+            raise FileNotFoundError(registry.unknown_source_message(source))
         raise FileNotFoundError(f"data source {str(source)!r} is neither an existing file nor a dataset name")
     try:
         import datasets
 
         if isinstance(source, datasets.DatasetDict):
-            source = source[split]
+            source = source[split or "train"]
         if isinstance(source, datasets.Dataset):
-            return list(source)
+            return list(source), None, None
     except ImportError:  # pragma: no cover - datasets is a dependency
         pass
     if isinstance(source, Iterable) and not isinstance(source, Mapping):
-        return list(source)
+        return list(source), None, None
     raise TypeError(f"cannot read edit requests from {type(source).__name__}")
 
 
@@ -244,7 +257,7 @@ def load_requests(
     schema: Optional[str] = None,
     limit: Optional[int] = None,
     offset: int = 0,
-    split: str = "train",
+    split: Optional[str] = None,
     require_subject: bool = False,
     skip_invalid: bool = False,
 ) -> list[EditRequest]:
@@ -252,9 +265,15 @@ def load_requests(
 
     Args:
         source: a ``.json``/``.jsonl`` path, a list of dicts or ``EditRequest``s, a
-            ``datasets.Dataset``/``DatasetDict``, or a hub dataset name (network needed).
-        schema: one of :data:`SCHEMAS`; auto-detected from the first record when ``None``.
+            ``datasets.Dataset``/``DatasetDict``, the name of a known benchmark
+            (``counterfact``, ``zsre``, ``wikibigedit``: a local copy in ``$LIT_EDIT_DATA`` or
+            ``<cache root>/data``, else the Hub; see :mod:`lit_edit.data.registry`), or a Hub
+            dataset id (network needed).
+        schema: one of :data:`SCHEMAS`; auto-detected from the first record when ``None``
+            (a known benchmark's Hub copy is read in its own schema).
         limit: keep at most this many records (after ``offset``).
+        split: split of a ``DatasetDict`` or Hub dataset (default ``train``; a known
+            benchmark's own split for its Hub copy).
         require_subject: fail on records without a subject (locate-and-edit editors).
         skip_invalid: drop (and log) records that raise :class:`RecordError` instead of failing;
             the public MEND zsRE file, for one, holds a few records with an empty ``alt``.
@@ -262,7 +281,9 @@ def load_requests(
     """
     if schema is not None and schema not in SCHEMAS:
         raise ValueError(f"unknown schema {schema!r}; known: {sorted(SCHEMAS)}")
-    records = _records(source, split)
+    records, known, hub_schema = _records(source, split)
+    check_family = known is not None and schema is None and hub_schema is None  # a local copy, auto-detected
+    schema = schema or hub_schema
     total = len(records)
     records = records[offset:] if limit is None else records[offset : offset + limit]
     if not records:
@@ -280,6 +301,11 @@ def load_requests(
                 raise RecordError(i, "<record>", f"must be a JSON object, got {type(rec).__name__}")
             if convert is None:
                 name = schema or detect_schema(rec)
+                if check_family and name not in known.schemas:
+                    raise ValueError(
+                        f"the local copy of data set {known.name!r} holds records of schema {name!r}, "
+                        f"expected one of {list(known.schemas)}; pass schema= to read it anyway"
+                    )
                 log.info("reading edit requests as schema %r", name)
                 convert = SCHEMAS[name]
             out.append(convert(rec, i).validate(require_subject))
