@@ -22,7 +22,7 @@ import torch
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", default="../shared/data/counterfact-edit-10k.json")
+    p.add_argument("--data", default="counterfact")
     p.add_argument("--n", type=int, default=32)
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--layer", type=int, default=None, help="default: the MEMIT default's last layer")

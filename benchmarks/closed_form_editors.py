@@ -73,7 +73,7 @@ def run_batched(editor, evaluation, requests, reference, values=None) -> tuple[d
 
 def main(argv=None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", default="../shared/data/counterfact-edit-10k.json")
+    p.add_argument("--data", default="counterfact")
     p.add_argument("--n", type=int, default=100)
     p.add_argument("--offset", type=int, default=0)
     p.add_argument("--model", default="smollm2-135m")

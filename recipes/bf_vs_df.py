@@ -1,7 +1,7 @@
 """Breadth-first vs depth-first fine-tuning on the same N requests, for several N.
 
     python recipes/bf_vs_df.py
-    python recipes/bf_vs_df.py --n_edits [50,100,200] --data.path ../shared/data/counterfact-edit-10k.json
+    python recipes/bf_vs_df.py --n_edits [50,100,200] --data.path counterfact
     python recipes/bf_vs_df.py --methods [bf_minibatch,df] --n_edits [20] --trainer.max_epochs 10
 
 Methods (everything else fixed: the location, the loss, lr, Adam, EOS-terminated targets):

@@ -1,7 +1,7 @@
 """EMMET (editing-methods.md §2): equality-constrained batched edit, spread over layers like MEMIT.
 
     python recipes/emmet.py                                         # demo edits, embedded SmolLM2-135M
-    python recipes/emmet.py --data.path ../shared/data/counterfact-edit-10k.json --data.limit 100
+    python recipes/emmet.py --data.path counterfact --data.limit 100
     python recipes/emmet.py --print_config                          # every setting, with its default
     python recipes/emmet.py --model.layers [4] --model.mom2_adjustment false
 

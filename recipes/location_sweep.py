@@ -1,7 +1,7 @@
 """Tuning-location analysis: LocFT-BF at every (module, layer) of a grid, one table + heatmap.
 
     python recipes/location_sweep.py --data.limit 100
-    python recipes/location_sweep.py --data.path ../shared/data/counterfact-edit-10k.json --data.limit 100 \\
+    python recipes/location_sweep.py --data.path counterfact --data.limit 100 \\
         --layers [1,5,9,13,17,21,25,29] --modules [attn_out,mlp_up,mlp_gate,mlp_down,block]
     python recipes/location_sweep.py --model.model path/or/hub-id --layers [0,4,8] --modules [mlp_down]
 

@@ -1,7 +1,7 @@
 """LocFT-BF: breadth-first localized fine-tuning on edit requests, evaluated before and after.
 
     python recipes/locft_bf.py                                   # demo edits, embedded SmolLM2-135M
-    python recipes/locft_bf.py --data.path ../shared/data/counterfact-edit-10k.json --data.limit 200
+    python recipes/locft_bf.py --data.path counterfact --data.limit 200
     python recipes/locft_bf.py --print_config                    # every setting, with its default
     python recipes/locft_bf.py --model.lr 1e-4 --trainer.max_epochs 10
 

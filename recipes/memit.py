@@ -1,7 +1,7 @@
 """MEMIT (editing-methods.md §2): least-squares edit of all requests of a batch, spread over layers.
 
     python recipes/memit.py                                         # demo edits, embedded SmolLM2-135M
-    python recipes/memit.py --data.path ../shared/data/counterfact-edit-10k.json --data.limit 100
+    python recipes/memit.py --data.path counterfact --data.limit 100
     python recipes/memit.py --print_config                          # every setting, with its default
     python recipes/memit.py --model.layers [4] --model.mom2_adjustment false
 

@@ -1,7 +1,7 @@
 """ROME (editing-methods.md §2): rank-one edit of one MLP output projection per request (r-ROME keys).
 
     python recipes/rome.py                                         # demo edits, embedded SmolLM2-135M
-    python recipes/rome.py --data.path ../shared/data/counterfact-edit-10k.json --data.limit 100
+    python recipes/rome.py --data.path counterfact --data.limit 100
     python recipes/rome.py --print_config                          # every setting, with its default
     python recipes/rome.py --model.layers [4] --model.mom2_adjustment false
 
