@@ -5,18 +5,24 @@ settings (``Editor.trainer_defaults``, e.g. 25 epochs for LocFT-BF, no model che
 CSV logger under ``logs/``, the :class:`~lit_edit.evaluation.EditEvaluation` callback, and a
 ``--save_dir`` where the edit is written after fitting (``--export_dir`` additionally writes a
 merged ``save_pretrained`` model).
+
+Every run leaves its full resolved configuration (model, data, trainer, callbacks, seed, save
+directory) as ``config.yaml`` in the trainer's log directory, beside ``summary.json``, and in the
+saved edit's directory; ``--config <that file>`` runs it again.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 from typing import Any, Optional
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lit_edit.data.datamodule import EditDataModule
 from lit_edit.editors.base import Editor
+from lit_edit.io import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +41,15 @@ def _configure_logging() -> None:
     logging.getLogger("lit_edit").setLevel(logging.INFO)
 
 
+RUN_CONFIG = "config.yaml"
+
+
 class EditCLI(LightningCLI):
-    """LightningCLI for editors (see module docstring)."""
+    """LightningCLI for editors (see module docstring).
+
+    Lightning's ``SaveConfigCallback`` writes the resolved config to ``<log dir>/config.yaml``
+    (overwriting a previous one); :meth:`after_fit` writes the same file into the saved edit.
+    """
 
     def __init__(self, model_class: Optional[type] = None, datamodule_class: type = EditDataModule, **kwargs: Any):
         _configure_logging()
@@ -47,7 +60,7 @@ class EditCLI(LightningCLI):
             trainer_defaults.update(Editor.trainer_defaults)
         trainer_defaults.update(kwargs.pop("trainer_defaults", {}) or {})
         kwargs.setdefault("seed_everything_default", 0)
-        kwargs.setdefault("save_config_callback", None)
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         super().__init__(
             model_class if model_class is not None else Editor,
             datamodule_class,
@@ -103,14 +116,27 @@ class EditCLI(LightningCLI):
             return
         save_dir = cfg.get("save_dir") or f"checkpoints/edits/{type(editor).__name__.lower()}"
         path = editor.save_edit(save_dir)
-        log.info("edit saved to %s", path)
+        config_path = self.save_run_config(path)
+        log.info("edit saved to %s (run config: %s)", path, config_path.name)
         if cfg.get("export_dir"):
             editor.export(cfg.get("export_dir"))
             log.info("merged model exported to %s", cfg.get("export_dir"))
 
+    def run_config_yaml(self) -> str:
+        """This run's full resolved configuration as YAML, in the form ``--config`` reads."""
+        return self._parser(self.subcommand).dump(self._config(), skip_none=False)
+
+    def save_run_config(self, directory: Any) -> Path:
+        """Write :meth:`run_config_yaml` to ``<directory>/config.yaml`` (atomically); returns its path."""
+        text = self.run_config_yaml()
+        return atomic_write(Path(directory) / RUN_CONFIG, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
 
 def run_recipe(editor_class: type, default_config: str, args: Optional[list[str]] = None) -> EditCLI:
-    """Parse a recipe's YAML + overrides, fit, save the edit; returns the CLI object."""
+    """Parse a recipe's YAML + overrides, fit, save the edit; returns the CLI object.
+
+    The resolved config is saved as ``config.yaml`` in the log directory and in ``--save_dir``.
+    """
     cli = EditCLI(
         editor_class,
         EditDataModule,

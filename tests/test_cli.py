@@ -79,6 +79,38 @@ def test_console_script_reaches_the_same_editor(tmp_path, tiny_dir):
     assert meta["init_args"]["lr"] == 1e-2
 
 
+def test_recipe_run_records_its_full_config(tmp_path, tiny_dir, capsys):
+    recipe = load_recipe("locft_bf")
+    callback = "lit_edit.evaluation.EditEvaluation"
+    args = common_args(tmp_path, tiny_dir) + [
+        "--data.path=demo",
+        "--model.preservation=0",
+        f"--trainer.callbacks=[{{class_path: {callback}, init_args: {{protocols: [token_accuracy], print_table: false}}}}]",
+    ]
+    recipe.main(args)
+    in_logs = list((tmp_path / "logs").rglob("config.yaml"))
+    assert len(in_logs) == 1, "no config.yaml in the log dir"
+    assert list(in_logs[0].parent.glob("summary.json")), "config.yaml is not beside summary.json"
+    in_edit = tmp_path / "edit" / "config.yaml"
+    assert in_edit.is_file(), "no config.yaml in the save dir"
+    for path in (in_logs[0], in_edit):
+        cfg = yaml.safe_load(path.read_text())
+        assert cfg["data"]["path"] == "demo" and cfg["data"]["limit"] == 3
+        assert cfg["trainer"]["max_epochs"] == 3
+        assert [c["class_path"] for c in cfg["trainer"]["callbacks"]] == [callback]
+        assert cfg["model"]["model"] == str(tiny_dir) and cfg["model"]["lr"] == 1e-2
+        assert cfg["save_dir"] == str(tmp_path / "edit")
+    assert yaml.safe_load(in_edit.read_text()) == yaml.safe_load(in_logs[0].read_text())
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:  # the saved file is a valid --config for the same recipe
+        recipe.main(["--config", str(in_edit), "--print_config"])
+    assert e.value.code in (0, None)
+    reparsed = yaml.safe_load(capsys.readouterr().out)
+    for key in ("model", "data", "trainer", "save_dir"):
+        assert reparsed[key] == yaml.safe_load(in_edit.read_text())[key], key
+
+
 def test_config_typo_is_a_clear_error(tmp_path, tiny_dir, capsys):
     recipe = load_recipe("locft_bf")
     with pytest.raises(SystemExit):
