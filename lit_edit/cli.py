@@ -154,36 +154,3 @@ def main(args: Optional[list[str]] = None) -> None:
     import lit_edit.editors  # noqa: F401  (registers the editor classes for --model)
 
     EditCLI(args=args if args is not None else sys.argv[1:])
-
-
-def study_parser(editor_class: type, description: Optional[str], default_config: Any = None):
-    """Parser for study recipes: ``--model.*`` (editor), ``--data.*``, ``--eval.*``, ``--trainer.*``.
-
-    Same conventions as the editing recipes (``--config``, ``--print_config``, typed
-    overrides); the Trainer group holds the scalar settings a study varies.
-    """
-    from pathlib import Path
-
-    from jsonargparse import ActionConfigFile, ArgumentParser
-
-    from lit_edit.evaluation import EditEvaluation
-
-    _configure_logging()
-    defaults = [str(default_config)] if default_config is not None and Path(default_config).exists() else []
-    parser = ArgumentParser(description=description, default_config_files=defaults)
-    parser.add_argument("--config", action=ActionConfigFile, help="YAML with any of the settings below.")
-    parser.add_class_arguments(editor_class, "model")
-    parser.add_class_arguments(EditDataModule, "data")
-    parser.add_class_arguments(EditEvaluation, "eval")
-    trainer_defaults = getattr(editor_class, "trainer_defaults", {})
-    parser.add_argument("--trainer.max_epochs", type=int, default=trainer_defaults.get("max_epochs", 25), help="Epochs per run.")
-    parser.add_argument("--trainer.accelerator", type=str, default="auto", help="cpu, gpu, auto, ...")
-    parser.add_argument("--trainer.enable_progress_bar", type=bool, default=True, help="Show per-run progress bars.")
-    parser.add_argument("--seed_everything", type=int, default=0, help="Global seed.")
-    return parser
-
-
-def instantiate_study(parser: Any, cfg: Any) -> Any:
-    """``cfg`` with its ``model``/``data``/``eval`` groups built (jsonargparse's ``instantiate``)."""
-    build = getattr(parser, "instantiate", None) or parser.instantiate_classes  # renamed in jsonargparse 4.49
-    return build(cfg)

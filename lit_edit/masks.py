@@ -9,13 +9,16 @@ boolean mask of its elements (rows, columns, or any pattern).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
-from typing import Union
+from typing import Any, Union
 
 import torch
 from torch import nn
 
-__all__ = ["ParameterMask", "resolve_mask", "ElementMaskHook"]
+from lit_edit.models import ArchSpec
+
+__all__ = ["LOCATION_KINDS", "ElementMaskHook", "ParameterMask", "location_mask", "resolve_mask"]
 
 
 @dataclass
@@ -40,7 +43,6 @@ class ParameterMask:
 
 def _describe_modules(model: nn.Module) -> str:
     """A compact list of module names: block-relative leaf names and the number of blocks."""
-    import re
 
     leaves = set()
     for name, module in model.named_modules():
@@ -103,3 +105,16 @@ class ElementMaskHook:
     def __call__(self, grad: torch.Tensor) -> torch.Tensor:
         return grad * self.mask.to(device=grad.device, dtype=grad.dtype)
 
+
+#: Locations a sweep can visit inside block ``i``.
+LOCATION_KINDS = ("attn_out", "mlp_up", "mlp_gate", "mlp_down", "block")
+
+
+def location_mask(arch: ArchSpec, kind: str, layer: int) -> dict[str, Any]:
+    """``target_modules``/``layers_to_transform`` for a named location of block ``layer``."""
+    if kind == "block":
+        return {"target_modules": rf"{re.escape(arch.layers)}\.{layer}\..+", "layers_to_transform": None}
+    kinds = arch.kinds()
+    if kind not in kinds:
+        raise KeyError(f"location {kind!r} does not exist for this architecture; available: {sorted(kinds) + ['block']}")
+    return {"target_modules": [kinds[kind]], "layers_to_transform": [layer]}

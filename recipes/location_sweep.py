@@ -22,41 +22,23 @@ sweep to redraw it, or to rank it under another ``--ppl_tolerance``, evaluates n
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
-from pathlib import Path
 from typing import Optional
 
-import lightning as L
-
-from lit_edit.analysis import (
-    protocol_label,
-    LOCATION_KINDS,
-    ResumableTable,
-    edit_score,
-    fit_and_score,
-    heatmap,
-    location_mask,
-    reference_row,
-    study_column,
-    study_row,
-    write_markdown,
-)
-from lit_edit.cli import instantiate_study, study_parser
-from lit_edit.data.datamodule import EditDataModule
 from lit_edit.editors.finetune import LocFTBF
-from lit_edit.evaluation import EditEvaluation
-from lit_edit.io import atomic_write
+from lit_edit.masks import LOCATION_KINDS, location_mask
+from lit_edit.plots import heatmap
+from lit_edit.study import Study, edit_score, protocol_label, reference_row, study_column, study_row
 
 log = logging.getLogger("lit_edit.recipes.location_sweep")
+DEFAULTS = __file__.removesuffix(".py") + ".yaml"
 
-DEFAULTS = Path(__file__).with_suffix(".yaml")
+#: --score_locality choices: the evaluation protocol and the figure the score reads as locality.
+SCORE_LOCALITY = {"token_accuracy": "tok_acc/locality", "generation": "gen_em/locality_agreement"}
 
 
-def main(args: Optional[list[str]] = None) -> list[dict]:
-    parser = study_parser(LocFTBF, __doc__, DEFAULTS)
+def _arguments(parser) -> None:
     parser.add_argument("--layers", type=Optional[list[int]], default=None, help="Blocks to visit (default: 8 evenly spaced).")
     parser.add_argument("--modules", type=list[str], default=list(LOCATION_KINDS), help=f"Locations inside a block: {LOCATION_KINDS}.")
     parser.add_argument("--ppl_tolerance", type=float, default=0.10, help="Largest relative perplexity rise a recommended location may cause.")
@@ -66,51 +48,50 @@ def main(args: Optional[list[str]] = None) -> list[dict]:
         default="auto",
         help="Locality figure of the recommendation score: token_accuracy, generation, or auto (token_accuracy when that protocol runs).",
     )
-    parser.add_argument("--out_dir", type=str, default="results/location_sweep", help="Where the table and heatmap go.")
-    cfg = parser.parse_args(args)
+    parser.set_defaults(out_dir="results/location_sweep")
+
+
+def _check(parser, cfg) -> None:
     unknown = [m for m in cfg.modules if m not in LOCATION_KINDS]
     if unknown:
         parser.error(f"unknown --modules {unknown}; choose from {list(LOCATION_KINDS)}")
+    protocols = cfg.eval.protocols
+    choice = cfg.score_locality
+    if choice == "auto":
+        choice = "token_accuracy" if "token_accuracy" in protocols else "generation"
+    if choice not in SCORE_LOCALITY:
+        parser.error(f"--score_locality {choice!r}: choose {', '.join(SCORE_LOCALITY)} or auto")
+    if choice not in protocols:
+        parser.error(f"--score_locality {choice} needs the {choice!r} evaluation protocol; --eval.protocols is {list(protocols)}")
+    cfg.score_locality = choice
 
-    L.seed_everything(cfg.seed_everything)
-    init = instantiate_study(parser, cfg)
-    locality_figure = _score_locality_figure(parser, cfg.score_locality, init.eval.protocols)
-    base: LocFTBF = init.model
-    hf_model, tokenizer, arch = base.model, base.tokenizer, base.arch
-    n_layers = base.num_layers
+
+def main(args: Optional[list[str]] = None) -> list[dict]:
+    study = Study.start(LocFTBF, __doc__, DEFAULTS, args, table="locations.csv", key=("module", "layer"),
+                        add_arguments=_arguments, check=_check)
+    cfg, table = study.cfg, study.table
+    n_layers = study.num_layers
     layers = cfg.layers if cfg.layers is not None else sorted({round(i * (n_layers - 1) / 7) for i in range(8)})
     bad = [layer for layer in layers if not 0 <= layer < n_layers]
     if bad:
-        parser.error(f"--layers {bad} out of range: the model has blocks 0..{n_layers - 1}")
-    datamodule: EditDataModule = init.data
-    requests = datamodule.load()
-    evaluator: EditEvaluation = init.eval
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-
-    table = ResumableTable(out / "locations.csv", key=("module", "layer"))
+        study.parser.error(f"--layers {bad} out of range: the model has blocks 0..{n_layers - 1}")
+    requests = study.datamodule.load()
     todo = [(m, layer) for m in cfg.modules for layer in layers if not table.done(module=m, layer=layer)]
     log.info("%d location(s) to run, %d already done", len(todo), len(table.rows))
-    unedited_cache = UneditedCache(out / "unedited.json", base.base_model_name, requests, evaluator)
-    before = None if todo else unedited_cache.load()  # a pure redraw needs only the figures
-    if before is None:
-        log.info("evaluating the unedited model on %d requests", len(requests))
-        before = evaluator.evaluate(hf_model, tokenizer, requests)
-        unedited_cache.save(before)
-    reference = evaluator.reference
-    ref = reference_row(before)
-    locality_key = study_column(before, locality_figure)  # its column in the table
-    ref[locality_key] = before[locality_figure]
-    hparams = {k: v for k, v in vars(cfg.model).items() if k not in ("model", "tokenizer", "target_modules", "layers_to_transform")}
+    before = study.unedited(requests, need_reference=bool(todo))  # a pure redraw needs only the figures
+    locality_figure = SCORE_LOCALITY[cfg.score_locality]
+    ref = reference_row(before.figures)
+    locality_key = study_column(before.figures, locality_figure)  # its column in the table
+    ref[locality_key] = before.figures[locality_figure]
     for i, (module, layer) in enumerate(todo, 1):
         log.info("[%d/%d] LocFT-BF at %s of block %d", i, len(todo), module, layer)
-        editor = LocFTBF(model=hf_model, tokenizer=tokenizer, **{**hparams, **location_mask(arch, module, layer)})
-        figures = fit_and_score(editor, requests, datamodule, evaluator, reference, vars(cfg.trainer))
+        editor = study.editor(**location_mask(study.arch, module, layer))
+        figures = study.fit_and_score(editor, requests, study.datamodule, before.reference)
         row = study_row(figures, module=module, layer=layer)
         row["score"] = edit_score(row, ref["perplexity"], cfg.ppl_tolerance, locality_key)
         table.add(row)
         log.info("  reliability %.3f generalization %.3f locality %.3f perplexity %.2f",
-                 row["reliability"], row["generalization"], row["locality"], row["perplexity"])
+                       row["reliability"], row["generalization"], row["locality"], row["perplexity"])
 
     rows = [r for r in table.rows if r["module"] in cfg.modules and int(r["layer"]) in layers]
     for r in rows:
@@ -118,12 +99,11 @@ def main(args: Optional[list[str]] = None) -> list[dict]:
     columns = ["module", "layer", "reliability", "generalization", "locality", "perplexity", "score", "edit_seconds", "optimizer_steps"]
     if locality_key != "locality":
         columns.insert(columns.index("locality") + 1, locality_key)
-    title = f"LocFT-BF tuning locations on {base.base_model_name}, {len(requests)} requests (after-all, {protocol_label(evaluator)})"
-    unedited = {"module": "(unedited)", "layer": "-", **ref}
-    text = write_markdown([unedited] + rows, columns, out / "locations.md", title)
+    title = (f"LocFT-BF tuning locations on {study.model_name}, {len(requests)} requests "
+             f"(after-all, {protocol_label(study.evaluator)})")
+    study.finish([{"module": "(unedited)", "layer": "-", **ref}] + rows, columns, title, "locations")
     shown = list(dict.fromkeys(["reliability", "generalization", "locality", locality_key, "perplexity"]))
-    heatmap(rows, shown, out / "locations.png", reference=ref, title=title)
-    print(text)
+    heatmap(rows, shown, study.out / "locations.png", reference=ref, title=title)
     unranked = [f"{r['module']}@{r['layer']}" for r in rows if math.isnan(r["score"])]
     if unranked:
         print(f"Not ranked (no {locality_key!r} figure; rerun them with --out_dir elsewhere): {', '.join(unranked)}")
@@ -137,52 +117,8 @@ def main(args: Optional[list[str]] = None) -> list[dict]:
             f"(reliability {float(best['reliability']):.3f}, generalization {float(best['generalization']):.3f}, "
             f"{locality_key} {float(best[locality_key]):.3f}, perplexity {float(best['perplexity']):.2f} vs {ref['perplexity']:.2f})"
         )
-    print(f"Wrote {out / 'locations.csv'}, {out / 'locations.md'}, {out / 'locations.png'}")
+    print(f"Wrote {study.out / 'locations.csv'}, {study.out / 'locations.md'}, {study.out / 'locations.png'}")
     return rows
-
-
-class UneditedCache:
-    """The unedited model's figures for one sweep (model, requests, evaluation settings), kept
-    beside the table so that redrawing a finished sweep does not evaluate the model again."""
-
-    def __init__(self, path: Path, model_name: str, requests, evaluator: EditEvaluation):
-        self.path = Path(path)
-        settings = {
-            "model": model_name,
-            "requests": [[r.case_id, r.prompt, r.target_new] for r in requests],
-            "protocols": {p: evaluator.protocol_description(p) for p in evaluator.protocols},
-        }
-        self.fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
-
-    def load(self) -> Optional[dict[str, float]]:
-        try:
-            stored = json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            return None
-        if stored.get("fingerprint") != self.fingerprint:
-            log.info("%s was measured with other settings; evaluating again", self.path)
-            return None
-        log.info("unedited figures from %s", self.path)
-        return {k: float(v) for k, v in stored["figures"].items()}
-
-    def save(self, figures: dict[str, float]) -> None:
-        text = json.dumps({"fingerprint": self.fingerprint, "figures": figures}, indent=1)
-        atomic_write(self.path, lambda tmp: Path(tmp).write_text(text))
-
-
-#: --score_locality choices: the evaluation protocol and the figure the score reads as locality.
-SCORE_LOCALITY = {"token_accuracy": "tok_acc/locality", "generation": "gen_em/locality_agreement"}
-
-
-def _score_locality_figure(parser, choice: str, protocols) -> str:
-    """The figure the recommendation score reads as locality; the protocol must be evaluated."""
-    if choice == "auto":
-        choice = "token_accuracy" if "token_accuracy" in protocols else "generation"
-    if choice not in SCORE_LOCALITY:
-        parser.error(f"--score_locality {choice!r}: choose {', '.join(SCORE_LOCALITY)} or auto")
-    if choice not in protocols:
-        parser.error(f"--score_locality {choice} needs the {choice!r} evaluation protocol; --eval.protocols is {list(protocols)}")
-    return SCORE_LOCALITY[choice]
 
 
 if __name__ == "__main__":

@@ -159,15 +159,18 @@ def test_study_recipes_run_and_resume(tmp_path, tiny_dir, capsys):
     assert {(r["module"], int(r["layer"])) for r in rows} == {(m, l) for m in ("mlp_down", "attn_out") for l in (0, 1)}
     assert (tmp_path / "locate" / "locations.png").stat().st_size > 0
     csv_before = (tmp_path / "locate" / "locations.csv").read_text()
+    record = yaml.safe_load((tmp_path / "locate" / "config.yaml").read_text())  # the run's resolved settings
+    assert record["data"]["limit"] == 3 and record["trainer"]["max_epochs"] == 2 and record["layers"] == [0, 1]
+    assert record["model"]["lr"] == 1e-2 and record["eval"]["ppl_texts"] == 2
     table_before = printed.split("Wrote")[0]
 
-    from lit_edit.evaluation import EditEvaluation
+    from lit_edit.evaluation import Evaluator
 
     def no_evaluation(*a, **k):
         raise AssertionError("a finished sweep evaluated the model again")
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(EditEvaluation, "evaluate", no_evaluation)
+        mp.setattr(Evaluator, "evaluate", no_evaluation)
         rows_again = locate.main(args)  # resumes: nothing left to run, nothing repeated or re-measured
         assert len(rows_again) == 4
         assert (tmp_path / "locate" / "locations.csv").read_text().count("\n") == csv_before.count("\n")
@@ -190,7 +193,7 @@ def test_study_recipes_run_and_resume(tmp_path, tiny_dir, capsys):
 
 
 def test_edit_score_matches_hand_computed_values():
-    from lit_edit.analysis import edit_score
+    from lit_edit.study import edit_score
 
     row = {"reliability": "1.0", "generalization": "0.5", "locality": "0.0", "tok_acc/locality": "0.25", "perplexity": "10.5"}
     assert edit_score(row, ppl_before=10.0, locality_key="tok_acc/locality") == pytest.approx(3 / (1 + 2 + 4))
@@ -200,7 +203,7 @@ def test_edit_score_matches_hand_computed_values():
 
 
 def test_study_column_follows_the_study_row_mapping():
-    from lit_edit.analysis import study_column, study_row
+    from lit_edit.study import study_column, study_row
 
     both = {"gen_em/locality_agreement": 0.1, "tok_acc/locality": 0.4, "ppl/wiki": 17.0}
     assert study_column(both, "gen_em/locality_agreement") == "locality"
