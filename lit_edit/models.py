@@ -15,6 +15,8 @@ import importlib.util
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Optional, Union
 
 import torch
@@ -30,8 +32,12 @@ __all__ = [
     "EMBEDDED_MODELS",
     "arch_for",
     "load_causal_lm",
+    "model_identity",
+    "model_name",
     "resolve_dtype",
+    "eval_mode",
     "get_module",
+    "model_device",
 ]
 
 
@@ -146,6 +152,35 @@ def arch_for(model: Union[nn.Module, str]) -> ArchSpec:
             f"unknown architecture model_type={model_type!r}; known: {sorted(ARCHITECTURES)}. "
             "Add an ArchSpec to lit_edit.models.ARCHITECTURES for it."
         ) from None
+
+
+def model_name(model: nn.Module) -> str:
+    """The name a model was loaded by (``config.name_or_path``), else its class name."""
+    return str(getattr(getattr(model, "config", None), "name_or_path", "") or type(model).__name__)
+
+
+def model_identity(model: nn.Module) -> str:
+    """The identity every cache key of lit_edit uses: :func:`model_name`, plus ``@<commit>``
+    when the model came from the hub at a known revision."""
+    revision = getattr(getattr(model, "config", None), "_commit_hash", None)
+    return f"{model_name(model)}@{revision}" if revision else model_name(model)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (CPU for a parameterless module)."""
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put ``model`` in eval mode for the block, then restore its training flag."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def get_module(model: nn.Module, name: str) -> nn.Module:

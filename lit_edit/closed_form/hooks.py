@@ -1,4 +1,9 @@
-"""Forward hooks used by the locate-and-edit machinery (no state outside the context managers)."""
+"""Forward hooks that read a module's input or output and stop the forward pass there.
+
+Used by the key statistics, the keys and the v*/z optimisation: a forward that only needs the
+input of block ``l``'s MLP output projection never runs the blocks above it. No state lives
+outside the context managers.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from torch import nn
 
-__all__ = ["StopForward", "stop_after", "stop_before", "first_tensor", "replace_first"]
+__all__ = ["StopForward", "first_tensor", "forward_until", "replace_first", "run_until_stopped", "stop_after", "stop_before"]
 
 
 class StopForward(Exception):
@@ -63,3 +68,27 @@ def run_until_stopped(fn: Callable[[], Any]) -> Optional[Any]:
         return fn()
     except StopForward:
         return None
+
+
+def forward_until(
+    model: nn.Module,
+    module: nn.Module,
+    where: str,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+) -> torch.Tensor:
+    """Run ``model`` on a batch up to ``module`` and return that module's input (``where="input"``:
+    its first positional argument, or its first keyword argument) or output (``"output"``: the
+    hidden-state tensor); the layers after it never run."""
+    got: dict[str, torch.Tensor] = {}
+    if where == "input":
+        ctx = stop_before(module, lambda args, kwargs: got.__setitem__("h", args[0] if args else next(iter(kwargs.values()))))
+    elif where == "output":
+        ctx = stop_after(module, lambda output: got.__setitem__("h", first_tensor(output)))
+    else:
+        raise ValueError(f"where must be 'input' or 'output', got {where!r}")
+    with ctx:
+        run_until_stopped(lambda: model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False))
+    if "h" not in got:
+        raise RuntimeError(f"the forward pass of {type(model).__name__} never reached {type(module).__name__}")
+    return got["h"]

@@ -8,8 +8,9 @@ import torch
 from torch import nn
 
 from lit_edit.data.request import EditRequest
-from lit_edit.closed_form.hooks import StopForward, first_tensor, stop_after, stop_before
-from lit_edit.closed_form.tokens import encode_in_template, pad_rows
+from lit_edit.closed_form.hooks import forward_until
+from lit_edit.closed_form.tokens import encode_in_template
+from lit_edit.data.tokenize import pad_rows
 from lit_edit.models import ArchSpec, arch_for
 
 __all__ = ["mlp_out_module", "keys_at", "block_outputs_at", "template_average", "projection_weight"]
@@ -47,17 +48,7 @@ def _rows_at(
         chunk = rows[s : s + batch_size]
         ids, mask = pad_rows([r[0] for r in chunk], tokenizer.pad_token_id)
         pos = torch.tensor([r[1] for r in chunk], device=device)
-        got: dict[str, torch.Tensor] = {}
-        if kind == "input":
-            ctx = stop_before(module, lambda a, k: got.__setitem__("h", a[0] if a else next(iter(k.values()))))
-        else:
-            ctx = stop_after(module, lambda o: got.__setitem__("h", first_tensor(o)))
-        with ctx:
-            try:
-                model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
-            except StopForward:
-                pass
-        h = got["h"]
+        h = forward_until(model, module, kind, ids.to(device), mask.to(device))
         out.append(h[torch.arange(len(chunk), device=device), pos].float())
     return torch.cat(out)
 

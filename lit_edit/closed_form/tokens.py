@@ -24,8 +24,9 @@ import torch
 from torch import nn
 
 from lit_edit.data.request import EditRequest, RecordError
-from lit_edit.data.tokenize import encode_target
+from lit_edit.data.tokenize import encode_target, pad_rows
 from lit_edit.io import atomic_write, cache_root
+from lit_edit.models import model_identity
 
 log = logging.getLogger(__name__)
 
@@ -111,17 +112,6 @@ def encode_in_template(
     return EncodedPrompt(ids=ids, fact_index=fact, prompt_length=plen, target_ids=target)
 
 
-def pad_rows(rows: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ids and attention mask for a list of id lists."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, : len(r)] = 1
-    return ids, mask
-
-
 # --------------------------------------------------------------------------- context templates
 
 
@@ -146,13 +136,6 @@ ROME_TEMPLATES = TemplateSpec(groups=((5, 10), (10, 10)))
 MEMIT_TEMPLATES = TemplateSpec(groups=((10, 5),), starts=("The", "Therefore", "Because", "I", "You"))
 
 
-def _model_identity(model: nn.Module) -> str:
-    cfg = getattr(model, "config", None)
-    name = str(getattr(cfg, "name_or_path", "") or type(model).__name__)
-    rev = getattr(cfg, "_commit_hash", None)
-    return f"{name}@{rev}" if rev else name
-
-
 def _clean_template(text: str) -> str:
     return text.replace("{", " ").replace("}", " ").strip() + ". {}"
 
@@ -173,7 +156,7 @@ class ContextTemplates:
     @staticmethod
     def key(model: nn.Module, spec: TemplateSpec, seed: int) -> dict[str, Any]:
         # normalised through JSON so a key read back from disk compares equal (tuples -> lists)
-        return json.loads(json.dumps({"model": _model_identity(model), "seed": int(seed), "spec": asdict(spec)}))
+        return json.loads(json.dumps({"model": model_identity(model), "seed": int(seed), "spec": asdict(spec)}))
 
     def get(self, model: nn.Module, tokenizer: Any, spec: TemplateSpec, seed: int = 0) -> list[list[str]]:
         """Template groups; group 0 is ``["{}"]`` (the bare prompt)."""

@@ -22,6 +22,7 @@ instead (same result; for architectures whose blocks cannot be called on their o
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
@@ -29,9 +30,10 @@ import torch
 from torch import nn
 
 from lit_edit.data.request import EditRequest
-from lit_edit.closed_form.hooks import StopForward, first_tensor, replace_first
+from lit_edit.closed_form.hooks import first_tensor, forward_until, replace_first, run_until_stopped, stop_before
 from lit_edit.closed_form.keys import mlp_out_module
-from lit_edit.closed_form.tokens import encode_in_template, pad_rows
+from lit_edit.closed_form.tokens import encode_in_template
+from lit_edit.data.tokenize import pad_rows
 from lit_edit.models import ArchSpec, arch_for
 
 log = logging.getLogger(__name__)
@@ -153,14 +155,10 @@ class _Runner:
                     captured.append((args, dict(kwargs)))
                 handles.append(self.blocks[j].register_forward_pre_hook(pre, with_kwargs=True))
 
-            def stop(mod, args, kwargs):
-                got["final_in"] = args[0] if args else None
-                raise StopForward
-            handles.append(self.norm.register_forward_pre_hook(stop, with_kwargs=True))
+        stop = stop_before(self.norm, lambda args, kwargs: got.__setitem__("final_in", args[0] if args else None))
         try:
-            self.model(input_ids=ids, attention_mask=mask, use_cache=False)
-        except StopForward:
-            pass
+            with stop if self.partial else nullcontext():
+                run_until_stopped(lambda: self.model(input_ids=ids, attention_mask=mask, use_cache=False))
         finally:
             for h in handles:
                 h.remove()
@@ -192,24 +190,11 @@ class _Runner:
             return replace_first(output, h)
 
         if not self.partial:
-            got: dict[str, torch.Tensor] = {}
-
-            def stop(mod, args, kwargs):
-                got["h"] = args[0]
-                raise StopForward
-
-            handles = [
-                self.site_module.register_forward_hook(add_hook),
-                self.norm.register_forward_pre_hook(stop, with_kwargs=True),
-            ]
+            handle = self.site_module.register_forward_hook(add_hook)
             try:
-                self.model(input_ids=ids[rows], attention_mask=mask[rows], use_cache=False)
-            except StopForward:
-                pass
+                return forward_until(self.model, self.norm, "input", ids[rows], mask[rows])
             finally:
-                for hd in handles:
-                    hd.remove()
-            return got["h"]
+                handle.remove()
         n = self._h_in.shape[0]
         h = self._h_in[rows]
         if self.site == "block" and add is not None:  # the site's output is the input captured here

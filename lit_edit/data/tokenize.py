@@ -18,6 +18,24 @@ from lit_edit.data.request import with_space
 IGNORE_INDEX = -100
 
 
+def pad_rows(rows: Sequence[Sequence[int]], pad_value: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
+    """Id lists padded to one width: ``(ids, attention_mask)``, both ``long``.
+
+    ``side="right"`` (teacher forcing, statistics) puts the padding after each row,
+    ``side="left"`` (batched generation) before it.
+    """
+    if side not in ("right", "left"):
+        raise ValueError(f"side must be 'right' or 'left', got {side!r}")
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_value, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        span = slice(0, len(r)) if side == "right" else slice(width - len(r), width)
+        ids[i, span] = torch.tensor(r, dtype=torch.long)
+        mask[i, span] = 1
+    return ids, mask
+
+
 def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
     """Prompt ids, with the tokenizer's own special tokens (BOS for Llama-3, none for SmolLM2)."""
     return tokenizer(prompt, add_special_tokens=True)["input_ids"]
@@ -51,15 +69,8 @@ def encode_pairs(
         rows.append(p_ids + t_ids)
         labels.append([IGNORE_INDEX] * len(p_ids) + t_ids)
         plens.append(len(p_ids))
-    width = max(len(r) for r in rows)
-    pad = tokenizer.pad_token_id
-    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    label_t = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (r, lab) in enumerate(zip(rows, labels)):
-        input_ids[i, : len(r)] = torch.tensor(r)
-        label_t[i, : len(lab)] = torch.tensor(lab)
-        mask[i, : len(r)] = 1
+    input_ids, mask = pad_rows(rows, tokenizer.pad_token_id)
+    label_t, _ = pad_rows(labels, IGNORE_INDEX)
     return {
         "input_ids": input_ids,
         "attention_mask": mask,
@@ -70,13 +81,7 @@ def encode_pairs(
 
 def encode_left_padded(tokenizer: Any, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
     """Left-padded prompts for batched generation."""
-    rows = [encode_prompt(tokenizer, p) for p in prompts]
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        input_ids[i, width - len(r) :] = torch.tensor(r)
-        mask[i, width - len(r) :] = 1
+    input_ids, mask = pad_rows([encode_prompt(tokenizer, p) for p in prompts], tokenizer.pad_token_id, side="left")
     return {"input_ids": input_ids, "attention_mask": mask}
 
 

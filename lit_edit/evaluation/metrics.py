@@ -22,9 +22,20 @@ from torchmetrics import Metric
 
 from lit_edit.evaluation.scoring import normalize_answer
 
-__all__ = ["ExactMatch", "Perplexity", "ProbabilityComparison", "TokenAccuracy"]
+__all__ = ["ExactMatch", "Perplexity", "ProbabilityComparison", "TokenAccuracy", "harmonic_mean"]
 
 _F64 = torch.float64
+
+
+def harmonic_mean(values: Sequence[float]) -> float:
+    """``n / Σ 1/v``: the score S of the CounterFact protocol and of the location sweep; 0 when
+    any value is 0 or negative (the harmonic mean's limit), ``nan`` for no values."""
+    values = [float(v) for v in values]
+    if not values:
+        return float("nan")
+    if any(v <= 0 for v in values):
+        return 0.0
+    return len(values) / sum(1.0 / v for v in values)
 
 
 def _as_1d(values: Union[torch.Tensor, Sequence[float]], device: torch.device) -> torch.Tensor:
@@ -81,12 +92,7 @@ class ProbabilityComparison(Metric):
                 out[margin_name] = 100.0 * getattr(self, f"{kind}_margin") / count
         parts = [out[k] for k in ("ES", "PS", "NS") if k in out]
         if parts:
-            stacked = torch.stack(parts)
-            out["S"] = (
-                torch.zeros((), dtype=_F64, device=stacked.device)
-                if bool((stacked <= 0).any())
-                else len(parts) / (1.0 / stacked).sum()
-            )
+            out["S"] = torch.tensor(harmonic_mean(parts), dtype=_F64, device=parts[0].device)
         return out
 
 

@@ -14,6 +14,7 @@ from typing import Any, Optional, Union
 
 from lit_edit.evaluation.protocols import TIMING, figure_description, protocol_of
 from lit_edit.io import atomic_write
+from lit_edit.models import model_name
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +47,7 @@ def flat_metrics(before: Figures, after: Figures) -> dict[str, float]:
 def model_label(module: Any) -> Optional[str]:
     """The name of the causal LM an editor (or the model itself) holds."""
     inner = getattr(module, "model", module)
-    if inner is None:
-        return None
-    return getattr(getattr(inner, "config", None), "name_or_path", None) or type(inner).__name__
+    return None if inner is None else model_name(inner)
 
 
 def summary(

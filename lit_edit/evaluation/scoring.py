@@ -21,7 +21,8 @@ import torch
 from torch import nn
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
-from lit_edit.data.tokenize import IGNORE_INDEX, encode_left_padded, encode_pairs, shift_for_loss, target_nll
+from lit_edit.models import eval_mode, model_device
+from lit_edit.data.tokenize import IGNORE_INDEX, encode_left_padded, encode_pairs, pad_rows, shift_for_loss, target_nll
 
 __all__ = [
     "STOP_STRINGS",
@@ -39,23 +40,6 @@ __all__ = [
 
 STOP_STRINGS: tuple[str, ...] = (".", "\n")
 """Generation exact match stops a continuation at the first of these (or at EOS)."""
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """The device of the model's first parameter (CPU for a parameterless module)."""
-    param = next(model.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
-
-
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put ``model`` in eval mode for the block, then restore its training flag."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
 
 
 def _batches(n: int, batch_size: int, progress: bool, desc: str) -> Iterator[tuple[int, int]]:
@@ -272,12 +256,7 @@ def text_nll(
     with eval_mode(model):
         for index, _ in _batches(len(groups), 1, progress, "perplexity"):
             chunk = groups[index]
-            width = max(len(r) for r in chunk)
-            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for i, r in enumerate(chunk):
-                ids[i, : len(r)] = torch.tensor(r)
-                mask[i, : len(r)] = 1
+            ids, mask = pad_rows(chunk, pad)
             logits = _logits(model, {"input_ids": ids, "attention_mask": mask}, device)
             labels = ids.masked_fill(mask == 0, IGNORE_INDEX).to(device)
             lg, lb = shift_for_loss(logits, labels)
