@@ -26,7 +26,7 @@ from torch import nn
 from lit_edit import edits
 from lit_edit.data.request import EditRequest
 from lit_edit.masks import ParameterMask, resolve_mask
-from lit_edit.models import arch_for, load_causal_lm
+from lit_edit.models import arch_for, load_causal_lm, model_name
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ class Editor(L.LightningModule):
 
     @property
     def base_model_name(self) -> str:
-        return str(getattr(self.model.config, "name_or_path", "") or type(self.model).__name__)
+        return model_name(self.model)
 
     @property
     def num_layers(self) -> int:
