@@ -17,13 +17,22 @@ _EXPORTS = {
     "Editor": "lit_edit.editors",
     "LocFTBF": "lit_edit.editors",
     "DepthFirstFT": "lit_edit.editors",
+    "ROME": "lit_edit.editors",
+    "MEMIT": "lit_edit.editors",
+    "EMMET": "lit_edit.editors",
     "EditEvaluation": "lit_edit.evaluation",
+    "Evaluator": "lit_edit.evaluation",
+    "evaluate": "lit_edit.evaluation",
     "apply_edit": "lit_edit.edits",
     "load_edit": "lit_edit.edits",
     "load_causal_lm": "lit_edit.models",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = sorted(_EXPORTS)  # noqa: PLE0605 (names resolved lazily by __getattr__)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
 
 
 def __getattr__(name: str) -> Any:

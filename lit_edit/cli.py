@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -26,7 +27,7 @@ from lit_edit.io import atomic_write
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EditCLI", "main", "run_recipe"]
+__all__ = ["EditCLI", "configure_output", "main", "run_recipe"]
 
 DEFAULT_TRAINER: dict[str, Any] = {
     "accelerator": "auto",
@@ -35,10 +36,36 @@ DEFAULT_TRAINER: dict[str, Any] = {
 }
 
 
-def _configure_logging() -> None:
+#: Warnings editors cause on purpose: the wrapped model stays in eval mode while it is edited,
+#: edit batches (lists of requests) are not moved to the device, requests need no workers.
+EXPECTED_WARNINGS = (
+    r"Found \d+ module\(s\) in eval mode",
+    r"You have overridden `transfer_batch_to_device`",
+    r".*does not have many workers.*",
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+)
+
+
+class _NoAdvert(logging.Filter):
+    """Drops Lightning's advertisement for its cloud logger."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in str(record.msg)
+
+
+def configure_output() -> None:
+    """Terminal output of the command-line tools: lit_edit's INFO lines, no expected warnings, no adverts.
+
+    Called by the CLI and the study recipes; a library user's own process keeps its settings.
+    """
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("lit_edit").setLevel(logging.INFO)
+    for pattern in EXPECTED_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _NoAdvert) for f in rank_zero.filters):
+        rank_zero.addFilter(_NoAdvert())
 
 
 RUN_CONFIG = "config.yaml"
@@ -52,7 +79,7 @@ class EditCLI(LightningCLI):
     """
 
     def __init__(self, model_class: Optional[type] = None, datamodule_class: type = EditDataModule, **kwargs: Any):
-        _configure_logging()
+        configure_output()
         trainer_defaults = dict(DEFAULT_TRAINER)
         if model_class is not None and hasattr(model_class, "trainer_defaults"):
             trainer_defaults.update(model_class.trainer_defaults)

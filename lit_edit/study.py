@@ -162,6 +162,9 @@ class Study:
         ``add_arguments(parser)`` adds the study's own options; ``check(parser, cfg)`` rejects bad
         values with ``parser.error`` before anything is loaded.
         """
+        from lit_edit.cli import configure_output
+
+        configure_output()
         parser = cls.parser(editor_class, description, default_config)
         if add_arguments is not None:
             add_arguments(parser)

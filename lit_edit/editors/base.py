@@ -20,7 +20,6 @@ from typing import Any, ClassVar, Optional, Union
 
 import lightning as L
 import torch
-import warnings
 from torch import nn
 
 from lit_edit import edits
@@ -29,10 +28,6 @@ from lit_edit.masks import ParameterMask, resolve_mask
 from lit_edit.models import arch_for, load_causal_lm, model_name
 
 log = logging.getLogger(__name__)
-
-# Editors keep the wrapped model in eval mode (no dropout) while editing, on purpose.
-warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
-warnings.filterwarnings("ignore", message=r"You have overridden `transfer_batch_to_device`")
 
 __all__ = ["Editor"]
 
