@@ -90,3 +90,12 @@ def cache(tmp_path, monkeypatch):
     """A per-test ``LIT_EDIT_HOME``: statistics and template caches of this test only."""
     monkeypatch.setenv("LIT_EDIT_HOME", str(tmp_path))
     return tmp_path
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads; one thread is faster on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
