@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import lightning as L
+from typing_extensions import override
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
@@ -173,6 +174,7 @@ class EditDataModule(L.LightningDataModule):
             log.info("%d edit requests from %s", len(self.requests), origin)
         return self.requests
 
+    @override
     def setup(self, stage: Optional[str] = None) -> None:
         requests = self.load()
         editor = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
@@ -186,6 +188,7 @@ class EditDataModule(L.LightningDataModule):
         n = self.hparams.eval_limit
         return requests if n is None else requests[:n]
 
+    @override
     def train_dataloader(self) -> DataLoader:
         requests = self.load()
         bs = self.hparams.batch_size or len(requests)

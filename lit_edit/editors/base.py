@@ -21,6 +21,7 @@ from typing import Any, ClassVar, Optional, Union
 import lightning as L
 import torch
 from torch import nn
+from typing_extensions import override
 
 from lit_edit import edits
 from lit_edit.data.request import EditRequest
@@ -167,9 +168,11 @@ class Editor(L.LightningModule):
 
     # ------------------------------------------------------------------ Lightning plumbing
 
+    @override
     def forward(self, **inputs: Any) -> Any:
         return self.model(**inputs)
 
+    @override
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
         # Edit batches are lists of EditRequest; editors tokenize and place tensors themselves.
         if isinstance(batch, list) and all(isinstance(r, EditRequest) for r in batch):
@@ -181,11 +184,13 @@ class Editor(L.LightningModule):
         keep |= {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
         return keep
 
+    @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         keep = self._kept_state_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         checkpoint["lit_edit_originals"] = {k: v.clone() for k, v in self._originals.items()}
 
+    @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         for name, value in checkpoint.get("lit_edit_originals", {}).items():
             self._originals.setdefault(name, value)
