@@ -33,12 +33,13 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
+    from lit_edit.closed_form import optimize_values
     from lit_edit.data import load_requests
     from lit_edit.editors import MEMIT
-    from lit_edit.closed_form import optimize_values
+    from lit_edit.editors.closed_form import TemplateOptions
 
     torch.manual_seed(0)
-    editor = MEMIT(model=args.model, max_templates_per_group=args.max_templates)
+    editor = MEMIT(model=args.model, templates=TemplateOptions(max_per_group=args.max_templates))
     requests = load_requests(args.data, limit=args.n, require_subject=True)
     layer = args.layer if args.layer is not None else editor.edit_layers[-1]
     templates = [t for g in editor.context_templates() for t in g]

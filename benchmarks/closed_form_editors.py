@@ -80,9 +80,9 @@ def main(argv=None) -> dict[str, Any]:
     p.add_argument("--editors", default="rome,memit,emmet")
     p.add_argument("--no-generation", action="store_true", help="skip the generation exact-match protocol")
     p.add_argument("--sweep", default=None, help="EDITOR:L1,L2,... (MEMIT/EMMET: each entry is the last of 4 layers)")
-    p.add_argument("--mom2_n_samples", type=int, default=1000)
-    p.add_argument("--max_templates", type=int, default=None, help="max_templates_per_group of the editors")
-    p.add_argument("--v_steps", type=int, default=None)
+    p.add_argument("--n_samples", type=int, default=1000, help="statistics.n_samples of the editors")
+    p.add_argument("--max_templates", type=int, default=None, help="templates.max_per_group of the editors")
+    p.add_argument("--steps", type=int, default=None, help="values.steps of the editors (default: config hub)")
     p.add_argument("--out", default="results/closed_form_editors.json")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -90,6 +90,7 @@ def main(argv=None) -> dict[str, Any]:
 
     from lit_edit.data import load_requests
     from lit_edit.editors import EMMET, MEMIT, ROME
+    from lit_edit.editors.closed_form import StatisticsOptions, TemplateOptions, ValueOptions
     from lit_edit.evaluation import EditEvaluation
     from lit_edit.models import load_causal_lm
 
@@ -105,8 +106,9 @@ def main(argv=None) -> dict[str, Any]:
     diagnostics: dict[str, dict[str, float]] = {}
     seconds: dict[str, float] = {"unedited_eval": round(time.perf_counter() - t0, 1)}
     classes = {"rome": ROME, "memit": MEMIT, "emmet": EMMET}
-    common = {"model": model, "tokenizer": tok, "mom2_n_samples": args.mom2_n_samples,
-              "max_templates_per_group": args.max_templates, "v_steps": args.v_steps}
+    common = {"model": model, "tokenizer": tok, "values": ValueOptions(steps=args.steps),
+              "statistics": StatisticsOptions(n_samples=args.n_samples),
+              "templates": TemplateOptions(max_per_group=args.max_templates)}
     shared_values: dict[tuple, list] = {}
 
     if args.sweep:

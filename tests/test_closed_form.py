@@ -48,13 +48,17 @@ def _gpt2(tokenizer):
 
 
 
-FAST = dict(v_steps=3, mom2_n_samples=60, mom2_max_length=64, stats_batch_size=16)
+FAST_VALUES = dict(steps=3)
+FAST_STATISTICS = dict(n_samples=60, max_length=64, batch_size=16)
 
 
-def _editor(cls, tokenizer, tmp_path, model=None, **kw):
+def _editor(cls, tokenizer, tmp_path, model=None, values=None, statistics=None, **kw):
+    from lit_edit.editors.closed_form import StatisticsOptions, ValueOptions
+
     model = model if model is not None else _llama(tokenizer)
-    args = {**FAST, "stats_corpus": write_corpus(tmp_path), **kw}
-    return cls(model=model, tokenizer=tokenizer, **args)
+    values = ValueOptions(**{**FAST_VALUES, **(values or {})})
+    statistics = StatisticsOptions(**{**FAST_STATISTICS, "corpus": write_corpus(tmp_path), **(statistics or {})})
+    return cls(model=model, tokenizer=tokenizer, values=values, statistics=statistics, **kw)
 
 
 # --------------------------------------------------------------------------- fact token
@@ -182,7 +186,7 @@ def test_emmet_editor_constraints_and_memit_editor_solution(tokenizer, cache):
     me.edit(REQUESTS)
     got = (me.weight(1).detach() - W1).double()
     # closed form for the first layer, solved independently as a stacked least-squares problem
-    lam = float(me.setting("mom2_update_weight"))
+    lam = float(me.settings.statistics.update_weight)
     R = ((Z - cur) / 2).T.double()
     L = torch.linalg.cholesky(C1.double() + 1e-12 * torch.eye(C1.shape[0], dtype=torch.float64))
     A = torch.cat([lam**0.5 * L, K1.T.double()], 1)
@@ -195,8 +199,8 @@ def test_emmet_editor_constraints_and_memit_editor_solution(tokenizer, cache):
 def test_emmet_single_request_equals_rome(tokenizer, cache):
     from lit_edit.editors import EMMET, ROME
 
-    common = dict(layers=[1], mom2_update_weight=1.0)
-    ro = _editor(ROME, tokenizer, cache, v_weight_decay=0.5, clamp_norm_factor=4.0, **common)
+    common = dict(layers=[1], statistics=dict(update_weight=1.0))
+    ro = _editor(ROME, tokenizer, cache, values=dict(weight_decay=0.5, clamp_norm_factor=4.0), **common)
     w0 = ro.weight(1).detach().clone()
     groups = ro.context_templates()
     from lit_edit.closed_form import emmet_solve, keys_at, mlp_out_module, rome_solve

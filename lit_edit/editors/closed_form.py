@@ -11,93 +11,182 @@ batch's update; ``False`` (single / batched) restores the original weights in
 :meth:`on_train_batch_end`, which Lightning calls after the callbacks' hooks, so an immediate
 evaluation callback sees each edit before it is undone.
 
-Hyperparameters left as ``None`` come from :data:`LOCATE_DEFAULTS` (published configurations per
-architecture) and otherwise from the editor's generic defaults. Everything computational lives in
+Settings come in three groups, each a dataclass that the command line nests
+(``--model.values.steps 10``): :class:`ValueOptions` (the v*/z optimisation),
+:class:`StatisticsOptions` (the key statistics C) and :class:`TemplateOptions` (the context
+templates). Per-model fields (``layers``, the value learning rate, steps, weight decay and
+clamp, the statistics' ``update_weight``) default to ``None``, which means "from the config
+hub": the model's file ``lit_edit/config_hub/<model>/<editor>.yaml`` if the loaded model is in
+the hub, else ``lit_edit/config_hub/defaults/<editor>.yaml``. An explicit value always wins;
+:attr:`ClosedFormEditor.settings` holds the resolved values. Everything computational lives in
 :mod:`lit_edit.closed_form` and :mod:`lit_edit.stats`.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import inspect
 import logging
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar, Optional, Union
 
 import torch
 
+from lit_edit.closed_form import ContextTemplates, TemplateSpec, ValueSettings, projection_weight
+from lit_edit.config_hub import hub_settings, identify
 from lit_edit.data.request import EditRequest
 from lit_edit.editors.base import Editor
-from lit_edit.closed_form import ContextTemplates, TemplateSpec, ValueSettings, projection_weight
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ClosedFormEditor", "LOCATE_DEFAULTS"]
+__all__ = ["ClosedFormEditor", "ClosedFormSettings", "StatisticsOptions", "TemplateOptions", "ValueOptions"]
 
-#: Published hyperparameters per (model_type, number of blocks) and editor family.
-#: GPT-2 XL and GPT-J: the ROME/MEMIT papers' configs; Llama-3-8B: the EasyEdit Llama-3 configs
-#: (the Llama-3 batch-size study, arXiv 2405.00664, found layer 1 best for single-layer edits).
-#: SmolLM2-135M (llama, 30 blocks): the Llama-3-8B settings scaled to depth (ROME block 4, MEMIT
-#: blocks 3-5; layers not yet swept: ``benchmarks/closed_form_editors.py --sweep rome:2,4,6,8``). λ was
-#: measured on CounterFact records 100-119 (batch of 20, same z): 15000 leaves 73% of the z
-#: residual and ES 55; 5000: 50%, ES 80; 2000: 30%, ES 95; 500: 9%, ES 100, NS unchanged.
-LOCATE_DEFAULTS: dict[tuple[str, int], dict[str, dict[str, Any]]] = {
-    ("gpt2", 48): {
-        "rome": {"layers": [17], "v_steps": 20, "v_weight_decay": 0.5, "clamp_norm_factor": 4.0},
-        "memit": {"layers": [13, 14, 15, 16, 17], "v_steps": 20, "v_weight_decay": 0.5,
-                  "clamp_norm_factor": 0.75, "mom2_update_weight": 20000.0},
-    },
-    ("gptj", 28): {
-        "rome": {"layers": [5], "v_steps": 20, "v_weight_decay": 0.5, "clamp_norm_factor": 4.0},
-        "memit": {"layers": [3, 4, 5, 6, 7, 8], "v_steps": 25, "v_weight_decay": 0.5,
-                  "clamp_norm_factor": 0.75, "mom2_update_weight": 15000.0},
-    },
-    ("llama", 32): {
-        "rome": {"layers": [5], "v_steps": 25, "v_weight_decay": 1e-3, "clamp_norm_factor": 4.0},
-        "memit": {"layers": [4, 5, 6, 7, 8], "v_steps": 25, "v_weight_decay": 1e-3,
-                  "clamp_norm_factor": 4.0, "mom2_update_weight": 15000.0},
-    },
-    ("llama", 30): {
-        "rome": {"layers": [4], "v_steps": 25, "v_weight_decay": 1e-3, "clamp_norm_factor": 4.0},
-        "memit": {"layers": [3, 4, 5], "v_steps": 25, "v_weight_decay": 1e-3,
-                  "clamp_norm_factor": 4.0, "mom2_update_weight": 500.0},
-    },
-}
+
+def _check(ok: bool, option: str, requirement: str, value: Any) -> None:
+    if not ok:
+        raise ValueError(f"{option} must be {requirement}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ValueOptions:
+    """The v*/z optimisation: Adam on δ added to the edited site's output at the fact token.
+
+    Args:
+        lr: Adam learning rate (``None`` = config hub).
+        steps: at most this many optimisation steps per request (``None`` = config hub).
+        loss_tol: a request stops optimising once its loss is below this.
+        kl_factor: weight of the KL term on ``"{subject} is a"``.
+        weight_decay: weight of ‖δ‖ / ‖h₀‖² (``None`` = config hub).
+        clamp_norm_factor: ‖δ‖ ≤ clamp_norm_factor · ‖h₀‖ after every step (``None`` = config hub).
+        batch_size: requests optimised together in one forward (MEMIT, EMMET).
+        partial_forward: run only the blocks from the edit layer up while optimising.
+    """
+
+    lr: Optional[float] = None
+    steps: Optional[int] = None
+    loss_tol: float = 5e-2
+    kl_factor: float = 0.0625
+    weight_decay: Optional[float] = None
+    clamp_norm_factor: Optional[float] = None
+    batch_size: int = 16
+    partial_forward: bool = True
+
+    def __post_init__(self) -> None:
+        _check(self.lr is None or self.lr > 0, "values.lr", "> 0", self.lr)
+        _check(self.steps is None or self.steps >= 1, "values.steps", ">= 1", self.steps)
+        _check(self.loss_tol >= 0, "values.loss_tol", ">= 0", self.loss_tol)
+        _check(self.kl_factor >= 0, "values.kl_factor", ">= 0", self.kl_factor)
+        _check(self.weight_decay is None or self.weight_decay >= 0, "values.weight_decay", ">= 0", self.weight_decay)
+        _check(self.clamp_norm_factor is None or self.clamp_norm_factor > 0, "values.clamp_norm_factor", "> 0",
+               self.clamp_norm_factor)
+        _check(self.batch_size >= 1, "values.batch_size", ">= 1", self.batch_size)
+
+
+@dataclass(frozen=True)
+class StatisticsOptions:
+    """The key statistics ``C = E[k kᵀ]`` of each edited layer (computed once, cached on disk).
+
+    Args:
+        adjustment: use C (``False``: C = I).
+        update_weight: λ (MEMIT) / the scale of C (EMMET); ``None`` = config hub. ROME has no λ.
+        n_samples: texts of the statistics corpus.
+        max_length: tokens per text.
+        dtype: accumulation dtype, ``float64`` or ``float32``.
+        corpus: text source (``wiki:train`` = offline Wikipedia, train split; a file; ...).
+        batch_size: texts per forward.
+    """
+
+    adjustment: bool = True
+    update_weight: Optional[float] = None
+    n_samples: int = 1000
+    max_length: int = 256
+    dtype: str = "float64"
+    corpus: str = "wiki:train"
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        _check(self.update_weight is None or self.update_weight > 0, "statistics.update_weight", "> 0",
+               self.update_weight)
+        _check(self.n_samples >= 1, "statistics.n_samples", ">= 1", self.n_samples)
+        _check(self.max_length >= 1, "statistics.max_length", ">= 1", self.max_length)
+        _check(self.dtype in ("float32", "float64"), "statistics.dtype", "'float32' or 'float64'", self.dtype)
+        _check(bool(self.corpus), "statistics.corpus", "a non-empty text source", self.corpus)
+        _check(self.batch_size >= 1, "statistics.batch_size", ">= 1", self.batch_size)
+
+
+@dataclass(frozen=True)
+class TemplateOptions:
+    """The context templates (sampled prefixes) that keys and values are averaged over.
+
+    Args:
+        seed: seed of the template sampling.
+        max_per_group: keep at most this many sampled templates per group (``None`` = all:
+            ROME 10 + 10, MEMIT 5); fewer templates make the v*/z optimisation cheaper.
+    """
+
+    seed: int = 0
+    max_per_group: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        _check(self.max_per_group is None or self.max_per_group >= 0, "templates.max_per_group", ">= 0",
+               self.max_per_group)
+
+
+#: Settings group name -> its dataclass.
+OPTION_GROUPS: dict[str, type] = {"values": ValueOptions, "statistics": StatisticsOptions, "templates": TemplateOptions}
+
+
+def _options(cls: type, value: Any, group: str) -> Any:
+    """``value`` (an instance, a mapping of its fields or ``None``) as an instance of ``cls``."""
+    if value is None:
+        return cls()
+    if isinstance(value, cls):
+        return value
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = dataclasses.asdict(value)
+    if isinstance(value, dict):
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(value) - names)
+        if unknown:
+            raise ValueError(f"unknown {group} option(s) {unknown}; {cls.__name__} has {sorted(names)}")
+        return cls(**value)
+    raise TypeError(f"{group} must be a {cls.__name__} or a mapping of its fields, got {type(value).__name__}")
+
+
+@dataclass(frozen=True)
+class ClosedFormSettings:
+    """The resolved settings of a closed-form editor (explicit > hub model file > hub defaults)."""
+
+    layers: list[int]
+    values: ValueOptions
+    statistics: StatisticsOptions
+    templates: TemplateOptions
+    hub_model: Optional[str]
+    """The config hub entry of the model (``None``: generic defaults only)."""
 
 
 class ClosedFormEditor(Editor):
     """Base of the closed-form editors: location, v*/z settings, statistics and templates.
 
     Args:
-        layers: edited blocks (``None`` = per-architecture default). ROME uses one.
-        v_lr: Adam learning rate of the v*/z optimisation (0.5).
-        v_steps: at most this many optimisation steps per request.
-        v_loss_tol: a request stops optimising once its loss is below this.
-        kl_factor: weight of the KL term on ``"{subject} is a"``.
-        v_weight_decay: weight of ‖δ‖ / ‖h₀‖².
-        clamp_norm_factor: ‖δ‖ ≤ clamp_norm_factor · ‖h₀‖ after every step.
-        mom2_adjustment: use the key second moment C (``False``: C = I).
-        mom2_update_weight: λ (MEMIT) / the scale of C (EMMET).
-        mom2_n_samples: texts of the statistics corpus.
-        mom2_max_length: tokens per statistics text.
-        mom2_dtype: statistics accumulation dtype (``float64`` or ``float32``).
-        stats_corpus: text source for the statistics (``wiki:train``, a file, ...).
-        stats_batch_size: texts per statistics batch.
-        template_seed: seed of the context-template sampling.
-        max_templates_per_group: keep at most this many sampled templates per group (``None`` =
-            all: ROME 10 + 10, MEMIT 5); fewer templates make the v*/z optimisation cheaper.
+        model: embedded name (``smollm2-135m``), hub id, local path, or a loaded ``PreTrainedModel``.
+        tokenizer: tokenizer (object, name or path); defaults to the model's own.
+        dtype: weights dtype (``float32`` default; ``bfloat16``/``float16``/``auto``).
+        layers: edited blocks (``None`` = config hub). ROME uses one.
+        values: the v*/z optimisation (:class:`ValueOptions`).
+        statistics: the key statistics (:class:`StatisticsOptions`).
+        templates: the context templates (:class:`TemplateOptions`).
         accumulate: keep each batch's edit (sequential) or undo it after the batch (single/batched).
-        partial_forward: run only the blocks from the edit layer up while optimising values.
-        z_batch_size: requests optimised together in one forward.
+
+    Each group also accepts a mapping of its fields (``values={"steps": 10}``); ``self.hparams``
+    holds the groups as plain mappings, as given (``None`` where the config hub decides).
     """
 
     family: ClassVar[str] = ""
     template_spec: ClassVar[TemplateSpec] = TemplateSpec()
     value_site: ClassVar[str] = "block"
-    generic_defaults: ClassVar[dict[str, Any]] = {
-        "v_lr": 0.5,
-        "v_steps": 25,
-        "v_weight_decay": 1e-3,
-        "clamp_norm_factor": 4.0,
-        "mom2_update_weight": 15000.0,
-    }
     trainer_defaults = {**Editor.trainer_defaults, "max_epochs": 1}
     requires_subject = True
 
@@ -107,55 +196,74 @@ class ClosedFormEditor(Editor):
         tokenizer: Optional[str] = None,
         dtype: str = "float32",
         layers: Union[list[int], int, None] = None,
-        v_lr: Optional[float] = None,
-        v_steps: Optional[int] = None,
-        v_loss_tol: float = 5e-2,
-        kl_factor: float = 0.0625,
-        v_weight_decay: Optional[float] = None,
-        clamp_norm_factor: Optional[float] = None,
-        mom2_adjustment: bool = True,
-        mom2_update_weight: Optional[float] = None,
-        mom2_n_samples: int = 1000,
-        mom2_max_length: int = 256,
-        mom2_dtype: str = "float64",
-        stats_corpus: str = "wiki:train",
-        stats_batch_size: int = 8,
-        template_seed: int = 0,
-        max_templates_per_group: Optional[int] = None,
+        values: ValueOptions = ValueOptions(),
+        statistics: StatisticsOptions = StatisticsOptions(),
+        templates: TemplateOptions = TemplateOptions(),
         accumulate: bool = True,
-        partial_forward: bool = True,
-        z_batch_size: int = 16,
     ):
+        groups = {
+            "values": _options(ValueOptions, values, "values"),
+            "statistics": _options(StatisticsOptions, statistics, "statistics"),
+            "templates": _options(TemplateOptions, templates, "templates"),
+        }
         super().__init__(model, tokenizer, dtype)
+        # hparams: exactly this editor's init arguments, settings groups as plain mappings.
+        params = inspect.signature(type(self).__init__).parameters
+        if not any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params.values()):
+            for name in [k for k in self.hparams if k not in params or k == "self"]:
+                del self.hparams[name]
+        self._record_hparams(**{name: dataclasses.asdict(g) for name, g in groups.items()})
         self.automatic_optimization = False
         self._templates = ContextTemplates()
         self._stats: dict[int, Optional[torch.Tensor]] = {}
+        self._hub: Optional[dict[str, Any]] = None
+
+    def _record_hparams(self, **values: Any) -> None:
+        """Set hyperparameters (also in ``hparams_initial``, which loggers record)."""
+        self.hparams.update(values)
+        self._hparams_initial = copy.deepcopy(self._hparams)
 
     # ------------------------------------------------------------------ settings
 
-    def _table(self) -> dict[str, Any]:
-        entry = LOCATE_DEFAULTS.get((self.model.config.model_type, self.num_layers), {})
-        return entry.get(self.family) or entry.get("memit", {})
+    def hub_settings(self) -> dict[str, Any]:
+        """This editor's config hub settings for the loaded model (generic defaults merged with its file)."""
+        if self._hub is None:
+            self._hub = hub_settings(self.model, self.family)
+        return self._hub
 
-    def setting(self, name: str) -> Any:
-        """A hyperparameter: the explicit argument, else the architecture table, else the generic default."""
-        value = self.hparams.get(name)
-        if value is not None:
-            return value
-        table = self._table()
-        if name in table:
-            return table[name]
-        return self.generic_defaults.get(name)
+    def _resolve(self, group: str) -> Any:
+        cls = OPTION_GROUPS[group]
+        explicit = dict(self.hparams.get(group) or {})
+        hub = self.hub_settings().get(group) or {}
+        for f in dataclasses.fields(cls):
+            if explicit.get(f.name) is None and hub.get(f.name) is not None:
+                explicit[f.name] = hub[f.name]
+        return _options(cls, explicit, group)
+
+    @property
+    def settings(self) -> ClosedFormSettings:
+        """The resolved settings: explicit arguments, else the config hub's model file, else its defaults."""
+        return ClosedFormSettings(
+            layers=self.edit_layers,
+            values=self._resolve("values"),
+            statistics=self._resolve("statistics"),
+            templates=self._resolve("templates"),
+            hub_model=identify(self.model),
+        )
 
     @property
     def edit_layers(self) -> list[int]:
         layers = self.hparams.get("layers")
         if layers is None:
-            layers = self._table().get("layers")
+            layers = self.hub_settings().get("layers")
         if layers is None:
             mid = max(1, self.num_layers // 6)
             layers = [mid] if self.family == "rome" else list(range(max(0, mid - 2), mid + 2))
-            log.warning("no default layers for %s with %d blocks; using %s", self.model.config.model_type, self.num_layers, layers)
+            if not getattr(self, "_warned_layers", False):
+                self._warned_layers = True
+                log.warning("no default layers for %s with %d blocks in the config hub; using %s "
+                            "(pass layers, or add lit_edit/config_hub/<model>/%s.yaml)",
+                            self.model.config.model_type, self.num_layers, layers, self.family)
         layers = [layers] if isinstance(layers, int) else list(layers)
         bad = [l for l in layers if not 0 <= l < self.num_layers]
         if bad:
@@ -166,28 +274,42 @@ class ClosedFormEditor(Editor):
         return {"target_modules": [self.arch.mlp_out], "layers_to_transform": self.edit_layers}
 
     def value_settings(self) -> ValueSettings:
+        """The resolved :class:`ValueOptions` as the maths module's :class:`ValueSettings`."""
+        v = self._resolve("values")
+        missing = [f for f in ("lr", "steps", "weight_decay", "clamp_norm_factor") if getattr(v, f) is None]
+        if missing:
+            raise ValueError(f"values.{missing[0]} is not set and the config hub has no value for it")
         return ValueSettings(
-            lr=float(self.setting("v_lr")),
-            steps=int(self.setting("v_steps")),
-            kl_factor=float(self.hparams["kl_factor"]),
-            weight_decay=float(self.setting("v_weight_decay")),
-            clamp_norm_factor=float(self.setting("clamp_norm_factor")),
-            loss_tol=float(self.hparams["v_loss_tol"]),
+            lr=float(v.lr),
+            steps=int(v.steps),
+            kl_factor=float(v.kl_factor),
+            weight_decay=float(v.weight_decay),
+            clamp_norm_factor=float(v.clamp_norm_factor),
+            loss_tol=float(v.loss_tol),
         )
+
+    def update_weight(self) -> float:
+        """The resolved ``statistics.update_weight`` (λ of MEMIT, the scale of C of EMMET)."""
+        w = self._resolve("statistics").update_weight
+        if w is None:
+            raise ValueError("statistics.update_weight is not set and the config hub has no value for it")
+        return float(w)
 
     # ------------------------------------------------------------------ shared resources
 
     def context_templates(self) -> list[list[str]]:
         """Template groups for this editor (cached per model, seed and spec); group 0 is ``["{}"]``."""
-        groups = self._templates.get(self.model, self.tokenizer, self.template_spec, int(self.hparams["template_seed"]))
-        cap = self.hparams.get("max_templates_per_group")
+        opts = self._resolve("templates")
+        groups = self._templates.get(self.model, self.tokenizer, self.template_spec, int(opts.seed))
+        cap = opts.max_per_group
         if cap is not None:
             groups = [groups[0]] + [g[: int(cap)] for g in groups[1:] if int(cap) > 0]
         return groups
 
     def key_statistics(self, layer: int) -> Optional[torch.Tensor]:
-        """``E[k kᵀ]`` at ``layer`` (``None`` when ``mom2_adjustment`` is off); cached on disk."""
-        if not self.hparams["mom2_adjustment"]:
+        """``E[k kᵀ]`` at ``layer`` (``None`` when ``statistics.adjustment`` is off); cached on disk."""
+        opts = self._resolve("statistics")
+        if not opts.adjustment:
             return None
         if layer not in self._stats:
             from lit_edit.stats import second_moment
@@ -196,11 +318,11 @@ class ClosedFormEditor(Editor):
                 self.model,
                 self.tokenizer,
                 layer,
-                corpus=self.hparams["stats_corpus"],
-                n_samples=int(self.hparams["mom2_n_samples"]),
-                max_length=int(self.hparams["mom2_max_length"]),
-                dtype=self.hparams["mom2_dtype"],
-                batch_size=int(self.hparams["stats_batch_size"]),
+                corpus=opts.corpus,
+                n_samples=int(opts.n_samples),
+                max_length=int(opts.max_length),
+                dtype=opts.dtype,
+                batch_size=int(opts.batch_size),
                 model_name=self.base_model_name,
             )
             self._stats[layer] = sm.mom2
@@ -210,6 +332,15 @@ class ClosedFormEditor(Editor):
         """Compute (or load) the statistics of every edited layer now."""
         for layer in self.edit_layers:
             self.key_statistics(layer)
+
+    def save_edit(self, directory: Union[str, Path], extra: Optional[dict[str, Any]] = None) -> Path:
+        """Save the edit (:meth:`Editor.save_edit`), also recording the resolved settings.
+
+        ``edit.json`` then holds both the init arguments as given (``None`` where the config hub
+        decided) and ``resolved_settings``, the values the edit was actually made with.
+        """
+        resolved = {"resolved_settings": dataclasses.asdict(self.settings)}
+        return super().save_edit(directory, extra={**resolved, **(extra or {})})
 
     def weight_name(self, layer: int) -> str:
         return f"{self.arch.mlp_out_name(layer)}.weight"

@@ -1,18 +1,19 @@
 """EMMET: batched equality-constrained edits (ROME's constraint for many facts at once).
 
 Same keys, z and layer spreading as MEMIT; per layer the update is
-Δ = R D⁻¹ Kᵀ C'⁻¹ with C' = ``mom2_update_weight``·C and D = Kᵀ C'⁻¹ K + ``emmet_lambda``·I,
+Δ = R D⁻¹ Kᵀ C'⁻¹ with C' = ``statistics.update_weight``·C and D = Kᵀ C'⁻¹ K + ``emmet_lambda``·I,
 inverted in float64 (pseudo-inverse fallback); cond(D) is logged per layer.
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Optional, Union
 
 import torch
 
-from lit_edit.editors.memit import MEMIT
 from lit_edit.closed_form import emmet_solve
+from lit_edit.editors.closed_form import StatisticsOptions, TemplateOptions, ValueOptions
+from lit_edit.editors.memit import MEMIT
 
 __all__ = ["EMMET"]
 
@@ -26,9 +27,23 @@ class EMMET(MEMIT):
 
     family = "emmet"
 
-    def __init__(self, *args: Any, emmet_lambda: float = 0.1, **kwargs: Any):
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self,
+        model: str = "smollm2-135m",
+        tokenizer: Optional[str] = None,
+        dtype: str = "float32",
+        layers: Union[list[int], int, None] = None,
+        values: ValueOptions = ValueOptions(),  # noqa: B008 (frozen)
+        statistics: StatisticsOptions = StatisticsOptions(),  # noqa: B008 (frozen)
+        templates: TemplateOptions = TemplateOptions(),  # noqa: B008 (frozen)
+        accumulate: bool = True,
+        emmet_lambda: float = 0.1,
+    ):
+        if not emmet_lambda >= 0:
+            raise ValueError(f"emmet_lambda must be >= 0, got {emmet_lambda!r}")
+        super().__init__(model, tokenizer, dtype, layers, values, statistics, templates, accumulate)
+        self._record_hparams(emmet_lambda=float(emmet_lambda))
 
     def solve(self, K: torch.Tensor, R: torch.Tensor, C: Optional[torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        delta, cond = emmet_solve(K, R, C, float(self.setting("mom2_update_weight")), float(self.hparams["emmet_lambda"]))
+        delta, cond = emmet_solve(K, R, C, self.update_weight(), float(self.hparams["emmet_lambda"]))
         return delta, {"cond_D": cond}

@@ -38,11 +38,12 @@ edit loss alone still decides ``min_loss`` skips and early stopping.
 from __future__ import annotations
 
 import logging
-from typing import Any, Literal, Optional, Union
+from typing import Any, ClassVar, Literal, Optional, Union
 
 import torch
 from torch import nn
 
+from lit_edit.config_hub import hub_defaults, hub_settings
 from lit_edit.data.request import EditRequest
 from lit_edit.editors.base import Editor
 from lit_edit.losses import PreservationTerm, ft_loss, preservation_loss
@@ -50,25 +51,20 @@ from lit_edit.masks import ElementMaskHook, resolve_mask
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DepthFirstFT", "FineTuneEditor", "LocFTBF", "FT_DEFAULT_LOCATIONS"]
-
-#: Default tuning locations: (model_type, number of blocks) -> mask (+ optional lr).
-#: Published: Llama-3-8B block 22 ``down_proj``; Qwen2.5-7B block 6 ``down_proj``; Mistral-7B the
-#: whole block 23 at lr 5e-5. SmolLM2-135M (llama, 30 blocks): block 4 ``gate_proj`` at lr 2e-3,
-#: chosen by measurement (README, "Choosing the location").
-FT_DEFAULT_LOCATIONS: dict[tuple[str, int], dict[str, Any]] = {
-    ("llama", 32): {"target_modules": ["mlp.down_proj"], "layers_to_transform": [22]},
-    ("qwen2", 28): {"target_modules": ["mlp.down_proj"], "layers_to_transform": [6]},
-    ("mistral", 32): {"target_modules": r".*layers\.23\.(self_attn|mlp)\.\w+_proj", "lr": 5e-5},
-    ("llama", 30): {"target_modules": ["mlp.gate_proj"], "layers_to_transform": [4], "lr": 2e-3},
-}
+__all__ = ["DepthFirstFT", "FineTuneEditor", "LocFTBF"]
 
 
 class FineTuneEditor(Editor):
     """Shared machinery of the fine-tuning editors: mask, optimizer, loss, projection.
 
+    The default tuning location (``target_modules`` left ``None``) and its learning rate come
+    from the config hub: ``lit_edit/config_hub/<model>/<editor>.yaml`` for a model in the hub
+    (:mod:`lit_edit.config_hub`), the generic ``lit_edit/config_hub/defaults/<editor>.yaml``
+    otherwise.
+
     Args:
-        lr: Adam learning rate (no weight decay); ``None`` = the location's default or 5e-4.
+        lr: Adam learning rate (no weight decay); ``None`` = the config hub's learning rate of
+            the model's default location, or the generic one (5e-4) for any other location.
         loss: ``ft_m`` (target-only teacher forcing) or ``ft_l`` (last-prompt-position baseline).
         append_eos: append EOS to every target so the model learns to stop after the answer.
         min_loss: a batch below this loss takes no optimizer step; an epoch whose mean loss is
@@ -137,26 +133,33 @@ class FineTuneEditor(Editor):
 
     # ------------------------------------------------------------------ configuration
 
+    #: Key of this editor's files in the config hub (``lit_edit/config_hub/<model>/<hub_key>.yaml``).
+    hub_key: ClassVar[str] = "locft_bf"
+
+    def hub_settings(self) -> dict[str, Any]:
+        """This editor's config hub settings for the loaded model (generic defaults merged with its file)."""
+        if getattr(self, "_hub", None) is None:
+            self._hub = hub_settings(self.model, self.hub_key)
+        return self._hub
+
     def default_location(self) -> dict[str, Any]:
-        key = (self.model.config.model_type, self.num_layers)
-        loc = FT_DEFAULT_LOCATIONS.get(key)
-        if loc is None:
+        hub = self.hub_settings()
+        if hub.get("target_modules") is None:
             layer = int(round(0.7 * (self.num_layers - 1)))
             log.warning(
-                "no default tuning location for %s with %d blocks; using mlp_out of block %d "
-                "(run recipes/location_sweep.py to choose one)", key[0], key[1], layer,
+                "no default tuning location for %s with %d blocks in the config hub; using mlp_out of block %d "
+                "(run recipes/location_sweep.py to choose one)", self.model.config.model_type, self.num_layers, layer,
             )
-            loc = {"target_modules": [self.arch.mlp_out], "layers_to_transform": [layer]}
-        return {k: v for k, v in loc.items() if k != "lr"}
+            return {"target_modules": [self.arch.mlp_out], "layers_to_transform": [layer]}
+        return {k: hub[k] for k in ("target_modules", "layers_to_transform") if hub.get(k) is not None}
 
     @property
     def learning_rate(self) -> float:
         if self.hparams.get("lr") is not None:
             return float(self.hparams["lr"])
         if self.hparams.get("target_modules") is None:
-            loc = FT_DEFAULT_LOCATIONS.get((self.model.config.model_type, self.num_layers), {})
-            return float(loc.get("lr", 5e-4))
-        return 5e-4
+            return float(self.hub_settings()["lr"])
+        return float(hub_defaults(self.hub_key)["lr"])
 
     @staticmethod
     def _read_element_masks(spec: Union[str, dict, None]) -> dict[str, torch.Tensor]:
@@ -371,6 +374,7 @@ class DepthFirstFT(FineTuneEditor):
     """
 
     trainer_defaults = {**Editor.trainer_defaults, "max_epochs": 1}
+    hub_key = "depth_first_ft"
 
     def __init__(self, *args: Any, steps: int = 25, accumulate: bool = True, **kwargs: Any):
         super().__init__(*args, **kwargs)

@@ -12,8 +12,6 @@ from typing import Optional
 
 import torch
 
-from lit_edit.data.request import EditRequest
-from lit_edit.editors.closed_form import ClosedFormEditor
 from lit_edit.closed_form import (
     MEMIT_TEMPLATES,
     apply_update,
@@ -23,34 +21,37 @@ from lit_edit.closed_form import (
     mlp_out_module,
     optimize_values,
 )
+from lit_edit.data.request import EditRequest
+from lit_edit.editors.closed_form import ClosedFormEditor
 
 __all__ = ["MEMIT"]
 
 
 class MEMIT(ClosedFormEditor):
-    """MEMIT. ``mom2_update_weight`` is λ. See :class:`ClosedFormEditor` for the arguments."""
+    """MEMIT. ``statistics.update_weight`` is λ. See :class:`ClosedFormEditor` for the arguments."""
 
     family = "memit"
     template_spec = MEMIT_TEMPLATES
     value_site = "block"
-    generic_defaults = {**ClosedFormEditor.generic_defaults, "clamp_norm_factor": 0.75, "v_weight_decay": 0.5}
 
     def solve(self, K: torch.Tensor, R: torch.Tensor, C: Optional[torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         """The layer update ``Δ`` (``d_out × d_in``) for keys ``K`` (``d_in × E``) and residuals ``R``."""
-        return memit_solve(K, R, C, float(self.setting("mom2_update_weight"))), {}
+        return memit_solve(K, R, C, self.update_weight()), {}
 
     def target_values(self, requests: list[EditRequest]):
-        """z for every request at the last edited block, optimised ``z_batch_size`` at a time."""
+        """z for every request at the last edited block, optimised ``values.batch_size`` at a time."""
         layers = self.edit_layers
         flat = [t for g in self.context_templates() for t in g]
-        chunk = max(1, int(self.hparams["z_batch_size"]))
+        options = self.settings.values
+        settings = self.value_settings()
+        chunk = max(1, int(options.batch_size))
         results = []
         with torch.enable_grad():
             for s in range(0, len(requests), chunk):
                 results.append(
                     optimize_values(
                         self.model, self.tokenizer, requests[s : s + chunk], layers[-1], "block", flat,
-                        self.value_settings(), partial=self.hparams["partial_forward"], arch=self.arch,
+                        settings, partial=options.partial_forward, arch=self.arch,
                     )
                 )
         return results

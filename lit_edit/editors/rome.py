@@ -9,13 +9,13 @@ key in ``W k`` and the denominator (Ŵ k_prompt = v*).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Optional, Union
 
 import torch
 
-from lit_edit.data.request import EditRequest
-from lit_edit.editors.closed_form import ClosedFormEditor
 from lit_edit.closed_form import ROME_TEMPLATES, apply_update, keys_at, mlp_out_module, optimize_values, rome_solve
+from lit_edit.data.request import EditRequest
+from lit_edit.editors.closed_form import ClosedFormEditor, StatisticsOptions, TemplateOptions, ValueOptions
 
 __all__ = ["ROME"]
 
@@ -31,10 +31,21 @@ class ROME(ClosedFormEditor):
     family = "rome"
     template_spec = ROME_TEMPLATES
     value_site = "mlp_out"
-    generic_defaults = {**ClosedFormEditor.generic_defaults, "v_steps": 20, "v_weight_decay": 0.5}
 
-    def __init__(self, *args: Any, original_rome: bool = False, **kwargs: Any):
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self,
+        model: str = "smollm2-135m",
+        tokenizer: Optional[str] = None,
+        dtype: str = "float32",
+        layers: Union[list[int], int, None] = None,
+        values: ValueOptions = ValueOptions(),  # noqa: B008 (frozen)
+        statistics: StatisticsOptions = StatisticsOptions(),  # noqa: B008 (frozen)
+        templates: TemplateOptions = TemplateOptions(),  # noqa: B008 (frozen)
+        accumulate: bool = True,
+        original_rome: bool = False,
+    ):
+        super().__init__(model, tokenizer, dtype, layers, values, statistics, templates, accumulate)
+        self._record_hparams(original_rome=bool(original_rome))
 
     @property
     def layer(self) -> int:
@@ -56,13 +67,15 @@ class ROME(ClosedFormEditor):
         flat = [t for g in groups for t in g]
         C = self.key_statistics(layer)
         name = self.weight_name(layer)
+        settings = self.value_settings()
+        partial = self.settings.values.partial_forward
         diag = {"v_loss": 0.0, "v_nll": 0.0, "v_steps": 0.0, "update_norm": 0.0, "residual": 0.0}
         for r in requests:
             k_star = keys_at(self.model, self.tokenizer, [r], layer, groups, arch=self.arch)[0]
             with torch.enable_grad():
                 val = optimize_values(
-                    self.model, self.tokenizer, [r], layer, "mlp_out", flat, self.value_settings(),
-                    partial=self.hparams["partial_forward"], arch=self.arch,
+                    self.model, self.tokenizer, [r], layer, "mlp_out", flat, settings,
+                    partial=partial, arch=self.arch,
                 )
             v_star = val.target[0]
             if self.hparams["original_rome"]:
