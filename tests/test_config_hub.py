@@ -218,7 +218,7 @@ def test_smollm2_resolves_to_its_hub_values(tokenizer, name, caplog):
     assert "location_sweep" not in caplog.text
 
 
-def test_a_30_block_llama_of_other_sizes_gets_the_generic_defaults(tokenizer, caplog):
+def test_a_30_block_llama_of_other_sizes_gets_the_editor_defaults(tokenizer, caplog):
     from lit_edit.editors import EMMET, MEMIT, ROME, LocFTBF
 
     model = _meta_llama("smollm2-135m", hidden_size=512, num_attention_heads=8, num_key_value_heads=4)
