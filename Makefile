@@ -21,6 +21,7 @@ run: setup
 	$(PY) recipes/locft_bf.py $(ARGS)
 
 test: setup
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 clean:

@@ -4,7 +4,7 @@
     python benchmarks/closed_form_editors.py --n 20 --editors rome --no-generation
     python benchmarks/closed_form_editors.py --sweep rome:2,4,6,8 --n 20   # layer sweep (probability metrics)
 
-Strategies (editing-methods.md §1): ROME *single* (edit one request, evaluate it immediately,
+Strategies (docs/methods.md §1): ROME *single* (edit one request, evaluate it immediately,
 restore the original weights, next request); MEMIT and EMMET *batched* (one update for all
 ``--n`` requests, evaluate them, restore). The unedited model is evaluated once on the same
 requests. Prints a ``metric | unedited | ...`` table and writes JSON under ``results/``.
@@ -13,7 +13,6 @@ requests. Prints a ``metric | unedited | ...`` table and writes JSON under ``res
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import time
@@ -21,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from lit_edit.evaluation.metrics import harmonic_mean
 
 log = logging.getLogger("benchmarks.locate_editors")
 
@@ -49,8 +50,7 @@ def run_single(editor, evaluation, requests, reference) -> tuple[dict[str, float
     rows, diags = [], []
     for i, r in enumerate(requests):
         diags.append(editor.edit([r]))
-        ref = dataclasses.replace(reference, num_requests=1)
-        rows.append(evaluation.evaluate(editor.model, editor.tokenizer, [r], reference=ref))
+        rows.append(evaluation.evaluate(editor.model, editor.tokenizer, [r], reference=reference, partial=True).figures)
         editor.restore()
         if (i + 1) % 10 == 0:
             m = _mean(rows)
@@ -59,14 +59,14 @@ def run_single(editor, evaluation, requests, reference) -> tuple[dict[str, float
     metrics = _mean(rows)
     parts = [metrics.get(k) for k in ("prob/ES", "prob/PS", "prob/NS")]
     if all(v is not None for v in parts):  # S is the harmonic mean of the averaged rates, not a mean of per-edit S
-        metrics["prob/S"] = 0.0 if min(parts) <= 0 else 3.0 / sum(1.0 / v for v in parts)
+        metrics["prob/S"] = harmonic_mean(parts)
     return metrics, _mean(diags)
 
 
 def run_batched(editor, evaluation, requests, reference, values=None) -> tuple[dict[str, float], dict[str, float]]:
     """Batched strategy: one update for all requests, evaluate them all, restore."""
     diag = editor.edit(list(requests), values=values)
-    metrics = evaluation.evaluate(editor.model, editor.tokenizer, requests, reference=reference)
+    metrics = evaluation.evaluate(editor.model, editor.tokenizer, requests, reference=reference).figures
     editor.restore()
     return metrics, {k: v for k, v in diag.items() if "/" not in k}
 
@@ -91,17 +91,17 @@ def main(argv=None) -> dict[str, Any]:
     from lit_edit.data import load_requests
     from lit_edit.editors import EMMET, MEMIT, ROME
     from lit_edit.editors.closed_form import StatisticsOptions, TemplateOptions, ValueOptions
-    from lit_edit.evaluation import EditEvaluation
+    from lit_edit.evaluation import Evaluator
     from lit_edit.models import load_causal_lm
 
     torch.manual_seed(0)
     model, tok = load_causal_lm(args.model)
     requests = load_requests(args.data, limit=args.n, offset=args.offset, require_subject=True)
     protocols = ["probability", "token_accuracy"] + ([] if args.no_generation or args.sweep else ["generation"])
-    evaluation = EditEvaluation(protocols=protocols, batch_size=16, print_table=False)
+    evaluation = Evaluator(protocols=protocols, batch_size=16)
     t0 = time.perf_counter()
-    unedited = evaluation.evaluate(model, tok, requests)
-    reference = evaluation.reference
+    before = evaluation.evaluate(model, tok, requests)
+    unedited, reference = before.figures, before.reference
     columns: dict[str, dict[str, float]] = {"unedited": unedited}
     diagnostics: dict[str, dict[str, float]] = {}
     seconds: dict[str, float] = {"unedited_eval": round(time.perf_counter() - t0, 1)}

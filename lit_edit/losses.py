@@ -71,7 +71,7 @@ class PreservationTerm:
     scale: torch.Tensor
 
     @classmethod
-    def build(cls, mom2: torch.Tensor, original: torch.Tensor) -> "PreservationTerm":
+    def build(cls, mom2: torch.Tensor, original: torch.Tensor) -> PreservationTerm:
         """From the key second moment ``C`` (``in × in``) and ``W₀`` (``out × in``)."""
         c = mom2.to(device=original.device, dtype=torch.float32)
         w0 = original.to(torch.float32)

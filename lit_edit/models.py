@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-from dataclasses import dataclass
-from pathlib import Path
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 __all__ = [
     "ArchSpec",
     "ARCHITECTURES",
+    "EmbeddedModel",
+    "embedded_model_dir",
+    "logits_at",
     "EMBEDDED_MODELS",
     "arch_for",
     "load_causal_lm",

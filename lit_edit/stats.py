@@ -27,9 +27,8 @@ from torch import nn
 
 from lit_edit.closed_form.hooks import forward_until
 from lit_edit.data.tokenize import pad_rows
-from lit_edit.models import eval_mode
 from lit_edit.io import atomic_write, cache_root
-from lit_edit.models import arch_for, model_identity, resolve_dtype
+from lit_edit.models import arch_for, eval_mode, model_identity, resolve_dtype
 
 log = logging.getLogger(__name__)
 

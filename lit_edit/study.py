@@ -156,7 +156,7 @@ class Study:
         key: Sequence[str],
         add_arguments: Optional[Callable[[ArgumentParser], None]] = None,
         check: Optional[Callable[[ArgumentParser, Namespace], None]] = None,
-    ) -> "Study":
+    ) -> Study:
         """Parse ``args`` (YAML defaults + overrides), check them, seed, load the model, open the table.
 
         ``add_arguments(parser)`` adds the study's own options; ``check(parser, cfg)`` rejects bad

@@ -1,13 +1,13 @@
-"""ROME (editing-methods.md §2): rank-one edit of one MLP output projection per request (r-ROME keys).
+"""ROME (docs/methods.md §2): rank-one edit of one MLP output projection per request (r-ROME keys).
 
     python recipes/rome.py                                         # demo edits, embedded SmolLM2-135M
     python recipes/rome.py --data.path counterfact --data.limit 100
     python recipes/rome.py --print_config                          # every setting, with its default
-    python recipes/rome.py --model.layers [4] --model.mom2_adjustment false
+    python recipes/rome.py --model.layers [4] --model.statistics.adjustment false
 
 Defaults live in ``rome.yaml`` beside this file; any ``--section.field`` overrides them.
-Hyperparameters left ``null`` take the per-architecture defaults
-(``lit_edit.editors.closed_form.LOCATE_DEFAULTS``). Key statistics are computed once per
+Hyperparameters left ``null`` take the per-model defaults
+(the config hub, ``lit_edit/config_hub/<model>/rome.yaml``). Key statistics are computed once per
 (model, layer, corpus, sample count, ...) and cached under ``checkpoints/stats``.
 The edit is saved under ``checkpoints/edits/rome`` and the run's metrics under ``logs/``.
 """

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import ROOT, SHARED_DATA, make_tiny_llama
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -15,7 +15,6 @@ from helpers import write_corpus
 
 from lit_edit.data.request import EditRequest, RecordError
 
-
 REQUESTS = [
     EditRequest(prompt="The mother tongue of Danielle Darrieux is", subject="Danielle Darrieux", target_new="English", case_id=0),
     EditRequest(prompt="Paris is the capital of", subject="Paris", target_new="Italy", case_id=1),
@@ -139,8 +138,8 @@ def test_batched_values_equal_one_by_one_and_full_forward(tokenizer, arch):
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_rome_writes_v_star_exactly_and_restores(tokenizer, cache, arch):
-    from lit_edit.editors import ROME
     from lit_edit.closed_form import keys_at, mlp_out_module, optimize_values
+    from lit_edit.editors import ROME
 
     model = _llama(tokenizer) if arch == "llama" else _gpt2(tokenizer)
     ed = _editor(ROME, tokenizer, cache, model=model, layers=1)
@@ -161,8 +160,8 @@ def test_rome_writes_v_star_exactly_and_restores(tokenizer, cache, arch):
 
 
 def test_emmet_editor_constraints_and_memit_editor_solution(tokenizer, cache):
+    from lit_edit.closed_form import block_outputs_at, keys_at
     from lit_edit.editors import EMMET, MEMIT
-    from lit_edit.closed_form import block_outputs_at, keys_at, memit_solve
 
     em = _editor(EMMET, tokenizer, cache, layers=[2], emmet_lambda=0.0)
     W0 = em.weight(2).detach().clone()
@@ -197,7 +196,7 @@ def test_emmet_editor_constraints_and_memit_editor_solution(tokenizer, cache):
 
 
 def test_emmet_single_request_equals_rome(tokenizer, cache):
-    from lit_edit.editors import EMMET, ROME
+    from lit_edit.editors import ROME
 
     common = dict(layers=[1], statistics=dict(update_weight=1.0))
     ro = _editor(ROME, tokenizer, cache, values=dict(weight_decay=0.5, clamp_norm_factor=4.0), **common)

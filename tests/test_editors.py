@@ -10,8 +10,8 @@ import torch
 from helpers import make_tiny_llama, write_corpus
 
 from lit_edit.data import EditDataModule
-from lit_edit.edits import EditMismatchError, apply_edit, load_edit
 from lit_edit.editors import DepthFirstFT, LocFTBF
+from lit_edit.edits import EditMismatchError, apply_edit, load_edit
 from lit_edit.masks import ParameterMask, resolve_mask
 
 DOWN1 = "model.layers.1.mlp.down_proj.weight"

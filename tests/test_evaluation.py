@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import make_tiny_llama
+
 from lit_edit.data.corpus import corpus_name, corpus_version, load_texts, wiki_texts
 from lit_edit.data.request import EditRequest, PromptAnswer
 from lit_edit.data.tokenize import encode_pairs, target_nll
@@ -29,7 +29,6 @@ from lit_edit.evaluation import (
     teacher_forced_argmax,
     truncate_at_stop,
 )
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -6,12 +6,10 @@ import json
 
 import pytest
 import torch
-
-from lit_edit.data.request import EditRequest, PromptAnswer
-from lit_edit.evaluation import Evaluation, EvaluationReference, Evaluator, evaluate, score_pairs
-from lit_edit.evaluation import report
 from helpers import make_tiny_llama
 
+from lit_edit.data.request import EditRequest, PromptAnswer
+from lit_edit.evaluation import Evaluation, EvaluationReference, Evaluator, evaluate, report, score_pairs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

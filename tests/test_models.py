@@ -44,7 +44,7 @@ def test_registry_paths_exist(model_type):
     blocks = get_module(model, spec.layers)
     assert isinstance(blocks, nn.ModuleList) and len(blocks) == 2
     out = get_module(model, spec.mlp_out_name(1))
-    for kind, rel in spec.kinds().items():
+    for rel in spec.kinds().values():
         get_module(model, f"{spec.layer_name(0)}.{rel}")
     for name in spec.mlp_in:
         get_module(model, f"{spec.layer_name(0)}.{name}")

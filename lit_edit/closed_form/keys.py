@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
-from lit_edit.data.request import EditRequest
 from lit_edit.closed_form.hooks import forward_until
 from lit_edit.closed_form.tokens import encode_in_template
+from lit_edit.data.request import EditRequest
 from lit_edit.data.tokenize import pad_rows
 from lit_edit.models import ArchSpec, arch_for
 

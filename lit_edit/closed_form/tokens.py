@@ -18,13 +18,13 @@ import json
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
 from lit_edit.data.request import EditRequest, RecordError
-from lit_edit.data.tokenize import encode_target, pad_rows
+from lit_edit.data.tokenize import encode_target
 from lit_edit.io import atomic_write, cache_root
 from lit_edit.models import model_identity
 
@@ -38,6 +38,7 @@ __all__ = [
     "EncodedPrompt",
     "encode_in_template",
     "fact_token_index",
+    "sample_templates",
     "subject_span",
 ]
 

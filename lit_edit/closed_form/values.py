@@ -22,17 +22,18 @@ instead (same result; for architectures whose blocks cannot be called on their o
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
-from lit_edit.data.request import EditRequest
 from lit_edit.closed_form.hooks import first_tensor, forward_until, replace_first, run_until_stopped, stop_before
 from lit_edit.closed_form.keys import mlp_out_module
 from lit_edit.closed_form.tokens import encode_in_template
+from lit_edit.data.request import EditRequest
 from lit_edit.data.tokenize import pad_rows
 from lit_edit.models import ArchSpec, arch_for
 
@@ -43,7 +44,7 @@ __all__ = ["ValueSettings", "ValueResult", "optimize_values"]
 
 @dataclass(frozen=True)
 class ValueSettings:
-    """Hyperparameters of the v*/z optimisation (editing-methods.md §2)."""
+    """Hyperparameters of the v*/z optimisation (docs/methods.md §2)."""
 
     lr: float = 0.5
     steps: int = 20

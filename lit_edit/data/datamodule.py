@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 import lightning as L
-from typing_extensions import override
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
+from typing_extensions import override
 
 from lit_edit.data.loaders import SCHEMAS, load_requests
 from lit_edit.data.registry import known_dataset, unknown_source_message
@@ -22,7 +22,7 @@ from lit_edit.data.request import EditRequest
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EditDataModule", "RequestDataset"]
+__all__ = ["EditDataModule", "EpochShuffleSampler", "RequestDataset", "ResumableDataLoader"]
 
 
 class RequestDataset(Dataset):

@@ -19,15 +19,27 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Optional, Union
 
 from lit_edit.data import registry
 from lit_edit.data.request import EditRequest, PromptAnswer, RecordError
 from lit_edit.io import read_json_records
 
 log = logging.getLogger(__name__)
+
+__all__ = [
+    "SCHEMAS",
+    "detect_schema",
+    "from_counterfact",
+    "from_counterfact_flat",
+    "from_lit_edit",
+    "from_wikibigedit",
+    "from_zsre",
+    "load_requests",
+    "save_requests",
+]
 
 Record = Mapping[str, Any]
 

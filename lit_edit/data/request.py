@@ -42,7 +42,7 @@ class EditRequest:
     portability: tuple[PromptAnswer, ...] = ()
     case_id: Union[int, str, None] = None
 
-    def validate(self, require_subject: bool = False) -> "EditRequest":
+    def validate(self, require_subject: bool = False) -> EditRequest:
         """Raise :class:`RecordError` naming the field if this request is malformed."""
         rid = self.case_id
         if not isinstance(self.prompt, str) or not self.prompt.strip():
@@ -73,7 +73,7 @@ class EditRequest:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "EditRequest":
+    def from_dict(cls, d: dict[str, Any]) -> EditRequest:
         """Inverse of :meth:`to_dict` (the canonical lit_edit schema)."""
         paraphrases = d.get("paraphrase_prompts") or ()
         if isinstance(paraphrases, str):  # one paraphrase given as a bare string

@@ -15,6 +15,8 @@ import torch
 
 from lit_edit.data.request import with_space
 
+__all__ = ["IGNORE_INDEX", "encode_left_padded", "encode_pairs", "encode_prompt", "encode_target", "pad_rows", "shift_for_loss", "target_nll"]
+
 IGNORE_INDEX = -100
 
 

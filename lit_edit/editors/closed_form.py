@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Optional, Union
 
 import torch
+from typing_extensions import override
 
 from lit_edit.closed_form import ContextTemplates, TemplateSpec, ValueSettings, projection_weight
 from lit_edit.config_hub import hub_settings, identify
@@ -351,9 +352,11 @@ class ClosedFormEditor(Editor):
 
     # ------------------------------------------------------------------ Lightning
 
+    @override
     def configure_optimizers(self):
         return None
 
+    @override
     def on_fit_start(self) -> None:
         self.prepare_statistics()
 
@@ -361,6 +364,7 @@ class ClosedFormEditor(Editor):
         """Apply one edit batch in place; returns diagnostics."""
         raise NotImplementedError
 
+    @override
     def training_step(self, batch: list[EditRequest], batch_idx: int) -> None:
         requests = [r.validate(require_subject=True) for r in batch]
         diag = self.edit(requests)
@@ -368,6 +372,7 @@ class ClosedFormEditor(Editor):
             self.log(f"edit/{name}", float(value), prog_bar=name in ("v_loss", "update_norm"), on_step=True, batch_size=len(batch))
         return None
 
+    @override
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if not self.hparams["accumulate"]:
             self.restore()

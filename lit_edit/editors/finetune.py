@@ -42,6 +42,7 @@ from typing import Any, ClassVar, Literal, Optional, Union
 
 import torch
 from torch import nn
+from typing_extensions import override
 
 from lit_edit.config_hub import hub_defaults, hub_settings
 from lit_edit.data.request import EditRequest
@@ -173,6 +174,7 @@ class FineTuneEditor(Editor):
 
     # ------------------------------------------------------------------ preparation
 
+    @override
     def setup(self, stage: str) -> None:
         if stage == "fit":
             self.prepare_for_editing()
@@ -246,6 +248,7 @@ class FineTuneEditor(Editor):
 
     # ------------------------------------------------------------------ optimisation
 
+    @override
     def configure_optimizers(self):
         params = list(self.prepare_for_editing().values())
         return torch.optim.Adam(params, lr=self.learning_rate, eps=self.hparams["adam_eps"], weight_decay=0.0)
@@ -309,10 +312,12 @@ class FineTuneEditor(Editor):
             weights = {name: w.T for name, w in weights.items()}
         return preservation_loss(self._preserve, weights)
 
+    @override
     def on_fit_start(self) -> None:
         self.optimizer_steps = 0
         self.prepare_preservation()
 
+    @override
     def on_fit_end(self) -> None:
         if self.hparams.get("lora_rank"):
             self.merge_lora()
@@ -334,9 +339,11 @@ class LocFTBF(FineTuneEditor):
         self._epoch_loss = 0.0
         self._epoch_count = 0
 
+    @override
     def on_train_epoch_start(self) -> None:
         self._epoch_loss, self._epoch_count = 0.0, 0
 
+    @override
     def training_step(self, batch: list[EditRequest], batch_idx: int):
         edit, loss = self.training_loss(batch)
         value = float(edit.detach())
@@ -348,9 +355,11 @@ class LocFTBF(FineTuneEditor):
         self.optimizer_steps += 1
         return loss
 
+    @override
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.project()
 
+    @override
     def on_train_epoch_end(self) -> None:
         mean = self._epoch_loss / max(self._epoch_count, 1)
         self.log("train/epoch_loss", mean, prog_bar=True, on_epoch=True)
@@ -389,6 +398,7 @@ class DepthFirstFT(FineTuneEditor):
     def _key(r: EditRequest) -> Any:
         return r.case_id if r.case_id is not None else (r.prompt, r.target_new)
 
+    @override
     def training_step(self, batch: list[EditRequest], batch_idx: int) -> None:
         todo = [r for r in batch if self._key(r) not in self._done]
         if not todo:
@@ -414,14 +424,17 @@ class DepthFirstFT(FineTuneEditor):
         )
         return None
 
+    @override
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if not self.hparams["accumulate"]:
             self.restore(forget=False)
 
+    @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint["lit_edit_done"] = sorted(self._done, key=repr)
 
+    @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
         self._done = {tuple(k) if isinstance(k, list) else k for k in checkpoint.get("lit_edit_done", [])}

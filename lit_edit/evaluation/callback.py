@@ -83,7 +83,7 @@ class EditEvaluation(L.Callback):
         self._seconds: dict[str, float] = {}
         self._restored = False
 
-    def _resolve_requests(self, trainer: Optional["L.Trainer"]) -> list[EditRequest]:
+    def _resolve_requests(self, trainer: Optional[L.Trainer]) -> list[EditRequest]:
         requests: Any = self.requests
         if requests is None and trainer is not None:
             requests = getattr(getattr(trainer, "datamodule", None), "eval_requests", None)
@@ -104,7 +104,7 @@ class EditEvaluation(L.Callback):
         return requests[: self.limit] if self.limit is not None else requests
 
     @staticmethod
-    def _model_and_tokenizer(pl_module: "L.LightningModule") -> tuple[nn.Module, Any]:
+    def _model_and_tokenizer(pl_module: L.LightningModule) -> tuple[nn.Module, Any]:
         model, tokenizer = getattr(pl_module, "model", None), getattr(pl_module, "tokenizer", None)
         if not isinstance(model, nn.Module) or tokenizer is None:
             raise AttributeError(
@@ -116,7 +116,7 @@ class EditEvaluation(L.Callback):
     # ------------------------------------------------------------------ hooks
 
     @override
-    def on_fit_start(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         model, tokenizer = self._model_and_tokenizer(pl_module)
         self._requests = self._resolve_requests(trainer)
         if self._restored:  # resumed fit: the model is already partly edited, keep the unedited figures
@@ -133,11 +133,11 @@ class EditEvaluation(L.Callback):
         self.before, self.reference, self._seconds["before"] = result.figures, result.reference, result.seconds
 
     @override
-    def on_train_epoch_start(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._immediate = {}  # immediate figures describe the last epoch
 
     @override
-    def on_train_batch_end(self, trainer: "L.Trainer", pl_module: "L.LightningModule", outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         protocols = [p for p in self.evaluator.protocols if p in PER_BATCH]
         if self.timing != "immediate" or not protocols:
             return
@@ -150,7 +150,7 @@ class EditEvaluation(L.Callback):
             self._immediate[name] = [total + value * len(batch), count + len(batch)]
 
     @override
-    def on_fit_end(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.before is None:
             raise RuntimeError("EditEvaluation.on_fit_end ran without the 'before' evaluation of on_fit_start")
         model, tokenizer = self._model_and_tokenizer(pl_module)

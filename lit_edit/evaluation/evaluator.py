@@ -61,7 +61,7 @@ class EvaluationReference:
         }
 
     @classmethod
-    def from_state_dict(cls, state: dict[str, Any]) -> "EvaluationReference":
+    def from_state_dict(cls, state: dict[str, Any]) -> EvaluationReference:
         return cls(
             num_requests=state["num_requests"],
             locality_argmax={(prompt, answer): ids for prompt, answer, ids in state["locality_argmax"]},
@@ -113,7 +113,7 @@ class Evaluator:
         self.ppl_max_length = ppl_max_length
         self._texts: Optional[list[str]] = None
 
-    def with_protocols(self, protocols: Sequence[str]) -> "Evaluator":
+    def with_protocols(self, protocols: Sequence[str]) -> Evaluator:
         """The same settings restricted to ``protocols`` (shares the loaded perplexity texts)."""
         other = object.__new__(Evaluator)
         other.__dict__.update(self.__dict__)

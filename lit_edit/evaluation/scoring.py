@@ -14,15 +14,14 @@ import re
 import string
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
-from lit_edit.models import eval_mode, model_device
 from lit_edit.data.tokenize import IGNORE_INDEX, encode_left_padded, encode_pairs, pad_rows, shift_for_loss, target_nll
+from lit_edit.models import eval_mode, model_device
 
 __all__ = [
     "STOP_STRINGS",
