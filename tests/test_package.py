@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import importlib
-import inspect
 import pkgutil
+from pathlib import Path
 
 import pytest
 
@@ -22,10 +23,11 @@ def test_all_lists_the_public_definitions(name):
     assert not missing, f"{name}.__all__ names what it does not define: {missing}"
     if module.__file__.endswith("__init__.py"):
         return  # a package's __all__ re-exports its modules' names
+    tree = ast.parse(Path(module.__file__).read_text())
     defined = [
-        n
-        for n, obj in vars(module).items()
-        if not n.startswith("_") and (inspect.isclass(obj) or inspect.isfunction(obj)) and obj.__module__ == name
+        node.name
+        for node in tree.body
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and not node.name.startswith("_")
     ]
     unlisted = sorted(set(defined) - set(exported))
     assert not unlisted, f"{name} defines public names missing from __all__: {unlisted}"

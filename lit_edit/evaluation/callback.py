@@ -24,7 +24,7 @@ from typing_extensions import override
 from lit_edit.data.corpus import corpus_version
 from lit_edit.data.request import EditRequest
 from lit_edit.evaluation import report
-from lit_edit.evaluation.evaluator import EvaluationReference, Evaluator
+from lit_edit.evaluation.evaluator import EvaluationReference, Evaluator, as_requests
 from lit_edit.evaluation.protocols import PER_BATCH, check_timing
 
 log = logging.getLogger(__name__)
@@ -87,20 +87,9 @@ class EditEvaluation(L.Callback):
         requests: Any = self.requests
         if requests is None and trainer is not None:
             requests = getattr(getattr(trainer, "datamodule", None), "eval_requests", None)
-            if callable(requests):
-                requests = requests()
-        if requests is None:
-            if self.evaluator.needs_requests:
-                raise ValueError("EditEvaluation has no requests: pass `requests=` or use a datamodule with `eval_requests`")
-            return []
-        if isinstance(requests, (str, os.PathLike)):
-            from lit_edit.data.loaders import load_requests
-
-            requests = load_requests(requests)
-        requests = list(requests)
-        bad = [type(r).__name__ for r in requests if not isinstance(r, EditRequest)]
-        if bad:
-            raise TypeError(f"requests must be EditRequest objects, got {bad[0]}")
+        if requests is None and self.evaluator.needs_requests:
+            raise ValueError("EditEvaluation has no requests: pass `requests=` or use a datamodule with `eval_requests`")
+        requests = as_requests(requests() if callable(requests) else requests)
         return requests[: self.limit] if self.limit is not None else requests
 
     @staticmethod

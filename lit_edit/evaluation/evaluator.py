@@ -39,7 +39,7 @@ from lit_edit.evaluation.scoring import greedy_generate, ngram_entropy, normaliz
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Evaluation", "EvaluationReference", "Evaluator", "evaluate"]
+__all__ = ["Evaluation", "EvaluationReference", "Evaluator", "as_requests", "evaluate"]
 
 
 @dataclass
@@ -330,6 +330,22 @@ def evaluate(
 ) -> Evaluation:
     """``Evaluator(**settings).evaluate(model, tokenizer, requests, reference)``."""
     return Evaluator(**settings).evaluate(model, tokenizer, requests, reference)
+
+
+def as_requests(source: Union[str, os.PathLike, Sequence[EditRequest], None]) -> list[EditRequest]:
+    """Requests to evaluate from a list of :class:`EditRequest`, a file or data set name readable by
+    :func:`lit_edit.data.load_requests`, or ``None`` (no requests)."""
+    if source is None:
+        return []
+    if isinstance(source, (str, os.PathLike)):
+        from lit_edit.data.loaders import load_requests
+
+        source = load_requests(source)
+    requests = list(source)
+    bad = [type(r).__name__ for r in requests if not isinstance(r, EditRequest)]
+    if bad:
+        raise TypeError(f"requests must be EditRequest objects, got {bad[0]}")
+    return requests
 
 
 def _lookup(table: dict, key: Any, protocol: str) -> Any:
