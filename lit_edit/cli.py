@@ -6,6 +6,17 @@ CSV logger under ``logs/``, the :class:`~lit_edit.evaluation.EditEvaluation` cal
 ``--save_dir`` where the edit is written after fitting (``--export_dir`` additionally writes a
 merged ``save_pretrained`` model).
 
+Both paths are checked before anything is loaded or fitted: each must be new, empty, or hold
+what lit_edit wrote there before (an edit, an export), and the latter is replaced only with
+``--overwrite``, keeping the other files of the directory; anything else (a regular file, a
+directory of other files, an empty ``--save_dir=``) is an error naming the option and path.
+The recipes take ``--ckpt_path`` to resume a killed fit from a Lightning checkpoint.
+
+Seeds: an editor's result depends on ``data.seed`` (the per-epoch shuffles) and, for the
+closed-form editors, ``model.templates.seed`` (the sampled context templates), not on the
+global RNG. Left unset, both follow ``--seed_everything``. The editors configure their own
+optimizer: ``--optimizer``/``--lr_scheduler`` are refused (use ``--model.lr``).
+
 Every run leaves its full resolved configuration (model, data, trainer, callbacks, seed, save
 directory) as ``config.yaml`` in the trainer's log directory, beside ``summary.json``, and in the
 saved edit's directory; ``--config <that file>`` runs it again.
@@ -23,6 +34,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lit_edit.data.datamodule import EditDataModule
 from lit_edit.editors.base import Editor
+from lit_edit.edits import RUN_CONFIG_FILE, SavePathError, check_edit_path, check_export_path
 from lit_edit.io import atomic_write
 
 log = logging.getLogger(__name__)
@@ -68,7 +80,9 @@ def configure_output() -> None:
         rank_zero.addFilter(_NoAdvert())
 
 
-RUN_CONFIG = "config.yaml"
+RUN_CONFIG = RUN_CONFIG_FILE
+#: Values of ``ckpt_path`` Lightning resolves itself (no file to check beforehand).
+_SPECIAL_CKPT_PATHS = ("last", "best", "hpc", "registry")
 
 
 class EditCLI(LightningCLI):
@@ -80,6 +94,7 @@ class EditCLI(LightningCLI):
 
     def __init__(self, model_class: Optional[type] = None, datamodule_class: type = EditDataModule, **kwargs: Any):
         configure_output()
+        self._recipe_mode = not kwargs.get("run", True)
         trainer_defaults = dict(DEFAULT_TRAINER)
         if model_class is not None and hasattr(model_class, "trainer_defaults"):
             trainer_defaults.update(model_class.trainer_defaults)
@@ -106,47 +121,157 @@ class EditCLI(LightningCLI):
             "--save_dir",
             type=Optional[str],
             default=None,
-            help="Directory for the saved edit (touched tensors + edit.json); default checkpoints/edits/<editor>.",
+            help=(
+                "Directory for the saved edit (touched tensors + edit.json + this run's config.yaml); default "
+                "checkpoints/edits/<editor>. Must be new, empty, or hold a lit_edit edit (replaced only with "
+                "--overwrite; other files there are kept). Checked before fitting."
+            ),
         )
         parser.add_argument(
             "--export_dir",
             type=Optional[str],
             default=None,
-            help="Also write the edited model as a plain save_pretrained checkpoint here.",
+            help=(
+                "Also write the edited model as a plain save_pretrained checkpoint here. Must be new, empty, or hold "
+                "a lit_edit export (replaced only with --overwrite; other files there are kept). Checked before fitting."
+            ),
         )
+        parser.add_argument(
+            "--overwrite",
+            type=bool,
+            default=False,
+            help="Replace the lit_edit edit in --save_dir (and the lit_edit export in --export_dir); never anything else.",
+        )
+        if self._recipe_mode:
+            parser.add_argument(
+                "--ckpt_path",
+                type=Optional[str],
+                default=None,
+                help="Resume the fit from this Lightning checkpoint (e.g. the last.ckpt of a ModelCheckpoint callback).",
+            )
+        # Unset seeds follow seed_everything (before_instantiate_classes); an explicit value wins.
+        parser.set_defaults({"data.seed": None})
+        try:
+            parser.get_default("model.templates.seed")
+        except KeyError:
+            pass
+        else:
+            parser.set_defaults({"model.templates.seed": None})
+        for action in parser._actions:
+            if action.dest == "seed_everything":
+                action.help = (
+                    "Seed of the global RNGs (an int; true: a random one; false: none). An editor's result depends only "
+                    "on data.seed (the per-epoch shuffles) and, for ROME/MEMIT/EMMET, model.templates.seed (the sampled "
+                    "context templates): left unset (null), each takes this value."
+                )
 
     def _config(self) -> Any:
         return self.config[self.subcommand] if self.subcommand else self.config
 
-    def before_instantiate_classes(self) -> None:
-        # An editor chosen on the command line (lit-edit fit --model LocFTBF) brings its own
-        # Trainer defaults; they apply wherever the user left the generic default in place.
+    def _editor_class(self) -> Optional[type]:
         if self.subcommand is None:
-            return
-        cfg = self._config()
-        class_path = getattr(cfg.get("model"), "class_path", None) if hasattr(cfg.get("model"), "get") else None
+            return self.model_class
+        model = self._config().get("model")
+        class_path = getattr(model, "class_path", None) if hasattr(model, "get") else None
         if not class_path:
-            return
+            return None
         import importlib
 
         module, _, name = class_path.rpartition(".")
-        editor_cls = getattr(importlib.import_module(module), name)
-        for key, value in getattr(editor_cls, "trainer_defaults", {}).items():
-            dotted = f"trainer.{key}"
-            if key not in Editor.trainer_defaults and cfg.get(dotted) is None:
-                cfg[dotted] = value
+        return getattr(importlib.import_module(module), name)
+
+    def _error(self, message: str) -> None:
+        """Stop with a command-line error (usage + message, exit status 2)."""
+        self._parser(self.subcommand).error(message)
+
+    def before_instantiate_classes(self) -> None:
+        cfg = self._config()
+        editor_cls = self._editor_class()
+        if self.subcommand is not None and editor_cls is not None:
+            # An editor chosen on the command line (lit-edit fit --model LocFTBF) brings its own
+            # Trainer defaults; they apply wherever the user left the generic default in place.
+            for key, value in getattr(editor_cls, "trainer_defaults", {}).items():
+                dotted = f"trainer.{key}"
+                if key not in Editor.trainer_defaults and cfg.get(dotted) is None:
+                    cfg[dotted] = value
+        self._refuse_optimizer_options(cfg, editor_cls)
+        self._derive_seeds(cfg)
+        if self.subcommand in (None, "fit"):
+            self._check_output_paths(cfg, editor_cls)
+
+    def _refuse_optimizer_options(self, cfg: Any, editor_cls: Optional[type]) -> None:
+        if not (isinstance(editor_cls, type) and issubclass(editor_cls, Editor)):
+            return
+        for key in ("optimizer", "lr_scheduler"):
+            if cfg.get(key) is not None:
+                self._error(
+                    f"--{key}: {editor_cls.__name__} configures its own optimizer (the fine-tuning editors: Adam with "
+                    "their own settings; the closed-form editors: none), which --optimizer/--lr_scheduler would silently "
+                    "replace. Set the learning rate with --model.lr (ROME/MEMIT/EMMET: --model.values.lr)."
+                )
+
+    def _derive_seeds(self, cfg: Any) -> None:
+        """Unset ``data.seed`` / ``model.templates.seed`` take the value of ``seed_everything``."""
+        seed = cfg.get("seed_everything")
+        base = seed if isinstance(seed, int) and not isinstance(seed, bool) else 0
+        if cfg.get("data") is not None and cfg.get("data.seed") is None:
+            cfg["data.seed"] = base
+            log.info("data.seed = %d (from seed_everything)", base)
+        if self.subcommand is None:
+            if cfg.get("model.templates") is not None and cfg.get("model.templates.seed") is None:
+                cfg["model.templates.seed"] = base
+                log.info("model.templates.seed = %d (from seed_everything)", base)
+            return
+        # lit-edit fit --model ROME: the editor's arguments have no "unset"; the default 0 follows seed_everything.
+        from lit_edit.editors.closed_form import TemplateOptions
+
+        templates = cfg.get("model.init_args.templates") if hasattr(cfg.get("model"), "get") else None
+        if templates is not None and hasattr(templates, "get") and templates.get("seed") in (None, TemplateOptions.seed):
+            templates["seed"] = base
+
+    def default_save_dir(self, editor_name: str) -> str:
+        """Where the edit goes when ``--save_dir`` is not given: ``checkpoints/edits/<editor name, lower case>``."""
+        return f"checkpoints/edits/{editor_name.lower()}"
+
+    def _check_output_paths(self, cfg: Any, editor_cls: Optional[type]) -> None:
+        """Refuse, before anything is loaded or fitted, a save/export path the run could not write."""
+        overwrite = bool(cfg.get("overwrite"))
+        for option in ("save_dir", "export_dir", "ckpt_path"):
+            value = cfg.get(option)
+            if value is not None and not str(value).strip():
+                self._error(f"--{option} is empty: give a path" + (" (or leave the option out)" if option != "export_dir" else ""))
+        save_dir = cfg.get("save_dir") or self.default_save_dir(editor_cls.__name__ if editor_cls else "editor")
+        try:
+            check_edit_path(save_dir, overwrite)
+        except SavePathError as e:
+            self._error(f"--save_dir: {e}")
+        export_dir = cfg.get("export_dir")
+        if export_dir:
+            if Path(export_dir).resolve() == Path(save_dir).resolve():
+                self._error(f"--export_dir {export_dir} is also the --save_dir: give the exported model a directory of its own")
+            try:
+                check_export_path(export_dir, overwrite)
+            except SavePathError as e:
+                self._error(f"--export_dir: {e}")
+        ckpt_path = cfg.get("ckpt_path") if self.subcommand is None else None
+        if ckpt_path and ckpt_path not in _SPECIAL_CKPT_PATHS and "://" not in ckpt_path and not Path(ckpt_path).is_file():
+            self._error(f"--ckpt_path {ckpt_path}: no such checkpoint file")
 
     def after_fit(self) -> None:
         cfg = self._config()
         editor = self.model
         if not isinstance(editor, Editor) or not editor.touched:
             return
-        save_dir = cfg.get("save_dir") or f"checkpoints/edits/{type(editor).__name__.lower()}"
-        path = editor.save_edit(save_dir)
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and not trainer.is_global_zero:
+            return  # one process writes the edit
+        overwrite = bool(cfg.get("overwrite"))
+        save_dir = cfg.get("save_dir") or self.default_save_dir(type(editor).__name__)
+        path = editor.save_edit(save_dir, overwrite=overwrite)
         config_path = self.save_run_config(path)
         log.info("edit saved to %s (run config: %s)", path, config_path.name)
         if cfg.get("export_dir"):
-            editor.export(cfg.get("export_dir"))
+            editor.export(cfg.get("export_dir"), overwrite=overwrite)
             log.info("merged model exported to %s", cfg.get("export_dir"))
 
     def run_config_yaml(self) -> str:
@@ -160,7 +285,8 @@ class EditCLI(LightningCLI):
 
 
 def run_recipe(editor_class: type, default_config: str, args: Optional[list[str]] = None) -> EditCLI:
-    """Parse a recipe's YAML + overrides, fit, save the edit; returns the CLI object.
+    """Parse a recipe's YAML + overrides, fit (resuming from ``--ckpt_path`` if given), save the edit;
+    returns the CLI object.
 
     The resolved config is saved as ``config.yaml`` in the log directory and in ``--save_dir``.
     """
@@ -171,7 +297,7 @@ def run_recipe(editor_class: type, default_config: str, args: Optional[list[str]
         args=args,
         parser_kwargs={"default_config_files": [default_config]},
     )
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli._config().get("ckpt_path"))
     cli.after_fit()
     return cli
 

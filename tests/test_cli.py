@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -225,3 +226,190 @@ def test_location_sweep_score_locality_needs_its_protocol(tmp_path, tiny_dir, ca
             f"--out_dir={tmp_path}",
         ])
     assert "--score_locality generation needs the 'generation' evaluation protocol" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------- output paths, overwrite, resume, seeds
+
+
+def no_instantiation(monkeypatch):
+    """Make any model loading fail loudly: a refusal must come before it (and so before any fitting)."""
+    from lit_edit.cli import EditCLI
+
+    def refuse(self):
+        raise AssertionError("classes instantiated: the check came too late")
+
+    monkeypatch.setattr(EditCLI, "instantiate_classes", refuse)
+
+
+def refusal(recipe_args, capsys) -> str:
+    recipe = load_recipe("locft_bf")
+    with pytest.raises(SystemExit) as e:
+        recipe.main(recipe_args)
+    assert e.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_output_paths_are_checked_before_anything_is_fitted(tmp_path, tiny_dir, capsys, monkeypatch):
+    no_instantiation(monkeypatch)
+    base = common_args(tmp_path, tiny_dir)  # a later --save_dir wins
+    afile = tmp_path / "afile"
+    afile.write_text("a file")
+    err = refusal(base + [f"--save_dir={afile / 'edit'}"], capsys)  # under a regular file
+    assert "--save_dir" in err and str(afile) in err and "regular file" in err
+    err = refusal(base + [f"--save_dir={afile}", "--overwrite=true"], capsys)  # a regular file
+    assert "--save_dir" in err and "regular file" in err and afile.read_text() == "a file"
+    err = refusal(base + ["--save_dir="], capsys)  # empty: an error, not the default
+    assert "--save_dir is empty" in err
+    err = refusal(base + ["--export_dir="], capsys)
+    assert "--export_dir is empty" in err
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    for extra in ([], ["--overwrite=true"]):  # a directory of other files, even with --overwrite
+        err = refusal(base + [f"--save_dir={mine}", *extra], capsys)
+        assert "--save_dir" in err and str(mine) in err and "not a lit_edit edit" in err
+        err = refusal(base + [f"--save_dir={tmp_path / 'edit'}", f"--export_dir={mine}", *extra], capsys)
+        assert "--export_dir" in err and str(mine) in err and "not a lit_edit export" in err
+    assert os.listdir(mine) == ["notes.txt"]
+    err = refusal(base + [f"--save_dir={tmp_path / 'same'}", f"--export_dir={tmp_path / 'same'}"], capsys)
+    assert "--export_dir" in err and "--save_dir" in err
+    err = refusal(base + [f"--ckpt_path={tmp_path / 'missing.ckpt'}"], capsys)
+    assert "--ckpt_path" in err and "missing.ckpt" in err
+    for options in (["--optimizer=SGD"], ["--lr_scheduler=StepLR", "--lr_scheduler.step_size=1"]):
+        err = refusal(base + options, capsys)
+        assert "configures its own optimizer" in err and "--model.lr" in err
+    from lit_edit.cli import main
+
+    with pytest.raises(SystemExit):  # the console script checks the same way
+        main(["fit", "--model", "LocFTBF", *base, f"--save_dir={afile / 'edit'}"])
+    assert "regular file" in capsys.readouterr().err
+
+
+def test_rerun_needs_overwrite_and_keeps_the_users_files(tmp_path, tiny_dir, capsys, monkeypatch):
+    recipe = load_recipe("locft_bf")
+    args = common_args(tmp_path, tiny_dir) + [
+        "--trainer.max_epochs=1",
+        "--model.preservation=0",
+        "--trainer.callbacks=[]",
+        f"--export_dir={tmp_path / 'merged'}",
+    ]
+    recipe.main(args)
+    edit, merged = tmp_path / "edit", tmp_path / "merged"
+    (edit / "notes.txt").write_text("my notes")
+    (merged / "notes.txt").write_text("my notes")
+    first = (edit / "edit.json").read_text()
+    with monkeypatch.context() as mp:
+        no_instantiation(mp)
+        err = refusal(args, capsys)
+    assert "--save_dir" in err and str(edit) in err and "--overwrite" in err
+    assert (edit / "edit.json").read_text() == first
+    recipe.main(args + ["--overwrite=true", "--model.lr=2e-2"])
+    assert json.loads((edit / "edit.json").read_text())["init_args"]["lr"] == 2e-2
+    assert yaml.safe_load((edit / "config.yaml").read_text())["model"]["lr"] == 2e-2
+    assert sorted(os.listdir(edit)) == ["config.yaml", "edit.json", "edit.safetensors", "notes.txt"]
+    assert (edit / "notes.txt").read_text() == (merged / "notes.txt").read_text() == "my notes"
+    assert (merged / "lit_edit_export.json").is_file() and not [p for p in os.listdir(merged) if p.startswith(".")]
+
+
+def test_seed_everything_sets_the_unset_seeds(tmp_path, tiny_dir):
+    from lit_edit.cli import EditCLI
+    from lit_edit.editors import ROME, LocFTBF
+
+    def order(*extra):
+        args = [a for a in common_args(tmp_path, tiny_dir) if not a.startswith("--data.limit")]
+        cli = EditCLI(LocFTBF, run=False, args=[*args, "--data.batch_size=1", *extra])
+        dm = cli.datamodule
+        dm.setup("fit")
+        return dm.hparams.seed, [r.case_id for batch in dm.train_dataloader() for r in batch]
+
+    seed1, order1 = order("--seed_everything=1")
+    seed2, order2 = order("--seed_everything=2")
+    assert (seed1, seed2) == (1, 2) and order1 != order2 and sorted(order1) == sorted(order2)
+    assert order("--seed_everything=1") == (seed1, order1)
+    assert order("--seed_everything=2", "--data.seed=1") == (1, order1)  # an explicit data.seed wins
+
+    def template_seed(*extra):
+        cli = EditCLI(ROME, run=False, args=[f"--model.model={tiny_dir}", "--model.layers=[1]", "--trainer.accelerator=cpu", *extra])
+        return cli.model.settings.templates.seed
+
+    assert template_seed("--seed_everything=3") == 3
+    assert template_seed("--seed_everything=3", "--model.templates.seed=4") == 4
+
+
+RESUME_SCRIPT = r'''
+import sys
+import time
+
+import lightning as L
+
+
+class Hold(L.Callback):
+    """Stops in the middle of the second epoch (after the first epoch's checkpoint) until killed."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.current_epoch == 1 and batch_idx == 1:
+            print("HOLDING", flush=True)
+            time.sleep(600)
+
+
+if __name__ == "__main__":
+    from lit_edit.cli import run_recipe
+    from lit_edit.editors import LocFTBF
+
+    run_recipe(LocFTBF, sys.argv[1], sys.argv[2:])
+'''
+
+
+def test_killed_recipe_run_resumes_from_ckpt_path(tmp_path, tiny_dir):
+    import signal
+    import subprocess
+    import sys
+
+    import torch
+
+    from lit_edit.edits import read_edit
+
+    def args(name, ckpt_dir, hold=False):
+        callbacks = ["{class_path: __main__.Hold}"] if hold else []
+        callbacks.append(
+            "{class_path: lightning.pytorch.callbacks.ModelCheckpoint, "
+            f"init_args: {{dirpath: '{ckpt_dir}', every_n_epochs: 1, save_last: true, save_top_k: -1}}}}"
+        )
+        return [a for a in common_args(tmp_path, tiny_dir) if not a.startswith("--save_dir")] + [
+            f"--save_dir={tmp_path / name}",
+            "--model.preservation=0",
+            "--model.min_loss=0",
+            "--data.batch_size=2",
+            "--trainer.enable_checkpointing=true",
+            f"--trainer.callbacks=[{', '.join(callbacks)}]",
+        ]
+
+    script = tmp_path / "run_and_hold.py"
+    script.write_text(RESUME_SCRIPT)
+    child = subprocess.Popen(
+        [sys.executable, str(script), str(RECIPES / "locft_bf.yaml"), *args("killed", tmp_path / "ckpt", hold=True)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
+    )
+    output = []
+    try:
+        for line in child.stdout:
+            output.append(line)
+            if line.startswith("HOLDING"):
+                break
+        assert (tmp_path / "ckpt" / "last.ckpt").is_file(), "".join(output)[-3000:]
+        child.send_signal(signal.SIGKILL)
+    finally:
+        child.kill()
+        child.wait()
+    assert child.returncode == -signal.SIGKILL
+    assert not (tmp_path / "killed").exists()  # killed before saving an edit
+
+    recipe = load_recipe("locft_bf")
+    resumed = recipe.main(args("killed", tmp_path / "ckpt2") + [f"--ckpt_path={tmp_path / 'ckpt' / 'last.ckpt'}"])
+    assert resumed.trainer.current_epoch == 3  # the run completed its max_epochs
+    recipe.main(args("uninterrupted", tmp_path / "ckpt3"))
+    _, after_resume = read_edit(tmp_path / "killed")
+    _, uninterrupted = read_edit(tmp_path / "uninterrupted")
+    assert after_resume.keys() == uninterrupted.keys()
+    for name, value in uninterrupted.items():
+        torch.testing.assert_close(after_resume[name], value, rtol=0, atol=0)

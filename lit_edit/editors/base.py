@@ -140,10 +140,33 @@ class Editor(L.LightningModule):
     # ------------------------------------------------------------------ persistence
 
     def init_args(self) -> dict[str, Any]:
-        return {k: v for k, v in dict(self.hparams).items() if not isinstance(v, torch.Tensor)}
+        """The editor's arguments as recorded in ``edit.json`` (JSON values; a tensor argument is
+        recorded by its dtype and shape only, a typed option group as a plain mapping)."""
+        import dataclasses
 
-    def save_edit(self, directory: Union[str, Path], extra: Optional[dict[str, Any]] = None) -> Path:
-        """Write the touched tensors and their description to ``directory`` (atomically)."""
+        def jsonable(v: Any) -> Any:
+            if isinstance(v, torch.Tensor):
+                return {"tensor": str(v.dtype).replace("torch.", ""), "shape": list(v.shape)}
+            if dataclasses.is_dataclass(v) and not isinstance(v, type):
+                return jsonable(dataclasses.asdict(v))
+            if isinstance(v, dict):
+                return {str(k): jsonable(x) for k, x in v.items()}
+            if isinstance(v, (list, tuple)):
+                return [jsonable(x) for x in v]
+            if v is None or isinstance(v, (bool, int, float, str)):
+                return v
+            return str(v)
+
+        return {k: jsonable(v) for k, v in dict(self.hparams).items() if not isinstance(v, torch.Tensor)}
+
+    def save_edit(self, directory: Union[str, Path], extra: Optional[dict[str, Any]] = None, overwrite: bool = False) -> Path:
+        """Write the touched tensors and their description to ``directory``, crash-safely.
+
+        ``directory`` must be new, empty, or (``overwrite=True``) hold a lit_edit edit; only
+        ``edit.json`` and ``edit.safetensors`` are replaced there, other files are kept. A killed
+        save leaves the previous edit or the new one, never neither (:mod:`lit_edit.edits`).
+        Non-finite values in a touched tensor are refused, naming the tensor.
+        """
         path = edits.write_edit(
             directory,
             self.edited_tensors(),
@@ -152,19 +175,29 @@ class Editor(L.LightningModule):
             editor=f"{type(self).__module__}.{type(self).__qualname__}",
             init_args=self.init_args(),
             extra=extra,
+            overwrite=overwrite,
         )
         log.info("saved edit of %d tensor(s) to %s", len(self._originals), path)
         return path
 
     def apply_edit(self, directory: Union[str, Path]) -> None:
-        """Apply a saved edit to this editor's model; :meth:`restore` undoes it."""
+        """Apply a saved edit to this editor's model; :meth:`restore` undoes it.
+
+        Every stored tensor is checked first (name, exact shape, dtype, finite values, original
+        hash); a mismatch raises and leaves the model unchanged.
+        """
         originals = edits.apply_edit(self.model, directory)
         for name, value in originals.items():
             self._originals.setdefault(name, value)
 
-    def export(self, directory: Union[str, Path]) -> Path:
-        """Write a plain Hugging Face checkpoint of the edited model."""
-        return edits.export_model(self.model, self.tokenizer, directory)
+    def export(self, directory: Union[str, Path], overwrite: bool = False) -> Path:
+        """Write a plain Hugging Face checkpoint of the edited model (``save_pretrained`` + tokenizer).
+
+        ``directory`` must be new, empty, or (``overwrite=True``) a previous lit_edit export, of
+        which only the files it wrote are replaced. Refused when a touched tensor holds
+        non-finite values.
+        """
+        return edits.export_model(self.model, self.tokenizer, directory, overwrite=overwrite, tensors=self.touched)
 
     # ------------------------------------------------------------------ Lightning plumbing
 

@@ -334,14 +334,14 @@ class ClosedFormEditor(Editor):
         for layer in self.edit_layers:
             self.key_statistics(layer)
 
-    def save_edit(self, directory: Union[str, Path], extra: Optional[dict[str, Any]] = None) -> Path:
+    def save_edit(self, directory: Union[str, Path], extra: Optional[dict[str, Any]] = None, overwrite: bool = False) -> Path:
         """Save the edit (:meth:`Editor.save_edit`), also recording the resolved settings.
 
         ``edit.json`` then holds both the init arguments as given (``None`` where the config hub
         decided) and ``resolved_settings``, the values the edit was actually made with.
         """
         resolved = {"resolved_settings": dataclasses.asdict(self.settings)}
-        return super().save_edit(directory, extra={**resolved, **(extra or {})})
+        return super().save_edit(directory, extra={**resolved, **(extra or {})}, overwrite=overwrite)
 
     def weight_name(self, layer: int) -> str:
         return f"{self.arch.mlp_out_name(layer)}.weight"

@@ -23,6 +23,7 @@ from typing_extensions import override
 
 from lit_edit.data.corpus import corpus_version
 from lit_edit.data.request import EditRequest
+from lit_edit.distributed import gather_objects
 from lit_edit.evaluation import report
 from lit_edit.evaluation.evaluator import EvaluationReference, Evaluator, as_requests
 from lit_edit.evaluation.protocols import PER_BATCH, check_timing
@@ -120,6 +121,8 @@ class EditEvaluation(L.Callback):
         log.info("evaluating the unedited model on %d requests (%s)", len(self._requests), ", ".join(self.evaluator.protocols))
         result = self.evaluator.evaluate(model, tokenizer, self._requests, rank=trainer.global_rank, world_size=trainer.world_size)
         self.before, self.reference, self._seconds["before"] = result.figures, result.reference, result.seconds
+        if trainer.world_size > 1:  # every process keeps the whole reference (a checkpoint of any rank resumes all)
+            self.reference = result.reference.merged(gather_objects(result.reference))
 
     @override
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -205,3 +208,4 @@ class EditEvaluation(L.Callback):
         """The ``metric | before | after | delta`` table as text."""
         header = f"edit evaluation ({len(self._requests)} requests, timing: {self.timing})"
         return report.table(self.before, self.after, header)
+
