@@ -9,16 +9,18 @@ boolean mask of its elements (rows, columns, or any pattern).
 
 from __future__ import annotations
 
+import numbers
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import torch
 from torch import nn
 
 from lit_edit.models import ArchSpec
 
-__all__ = ["LOCATION_KINDS", "ElementMaskHook", "ParameterMask", "location_mask", "resolve_mask"]
+__all__ = ["LOCATION_KINDS", "ElementMaskHook", "ParameterMask", "check_layers", "location_mask", "resolve_mask"]
 
 
 @dataclass
@@ -41,6 +43,40 @@ class ParameterMask:
         )
 
 
+def check_layers(
+    layers: Any,
+    num_layers: Optional[int] = None,
+    option: str = "layers_to_transform",
+    allow_none: bool = True,
+) -> Optional[list[int]]:
+    """``layers`` (a block index or a list of them) as a list of ints, or a clear error naming ``option``.
+
+    Refused: an empty list (peft would read it as "every block"), entries that are not integers,
+    a block listed twice, and (when ``num_layers`` is given) a block the model does not have.
+    """
+    if layers is None and allow_none:
+        return None
+    if isinstance(layers, numbers.Integral) and not isinstance(layers, bool):
+        layers = [layers]
+    if isinstance(layers, (str, bytes, Mapping)) or not isinstance(layers, Iterable):
+        raise TypeError(f"{option} must be a block index or a list of block indices, got {type(layers).__name__} {layers!r}")
+    items = list(layers)
+    blocks = f" (0 .. {num_layers - 1})" if num_layers else ""
+    if not items:
+        raise ValueError(f"{option} is empty: name at least one block{blocks}")
+    for x in items:
+        if isinstance(x, bool) or not isinstance(x, numbers.Integral):
+            raise TypeError(f"{option} must hold block indices (integers), got {type(x).__name__} {x!r}")
+    twice = sorted({int(x) for x in items if items.count(x) > 1})
+    if twice:
+        raise ValueError(f"{option} lists block(s) {twice} more than once: {items}")
+    bad = [int(x) for x in items if x < 0 or (num_layers is not None and x >= num_layers)]
+    if bad:
+        where = f"a model with {num_layers} blocks{blocks}" if num_layers is not None else "any model (block indices are >= 0)"
+        raise ValueError(f"{option} {bad} out of range for {where}")
+    return [int(x) for x in items]
+
+
 def _describe_modules(model: nn.Module) -> str:
     """A compact list of module names: block-relative leaf names and the number of blocks."""
 
@@ -57,6 +93,7 @@ def resolve_mask(model: nn.Module, mask: ParameterMask) -> dict[str, nn.Paramete
 
     if mask.target_modules is None or (not isinstance(mask.target_modules, str) and not mask.target_modules):
         raise ValueError("target_modules is empty: name at least one module (e.g. ['mlp.down_proj'])")
+    check_layers(mask.layers_to_transform)
     config = mask.peft_config()
     selected: dict[str, nn.Parameter] = {}
     matched_modules: list[str] = []

@@ -457,13 +457,13 @@ def test_empty_targets():
     expect_record_error(recs, 101, "target_new")
     recs = _zsre()
     recs[1]["alt"] = "   "
-    expect_record_error(recs, 1, "target_new")
+    expect_record_error(recs, 1, "alt")  # errors name the file's own field
     recs = _zsre()
     recs[2]["answers"] = [""]
-    expect_record_error(recs, 2, "ground_truth")
+    expect_record_error(recs, 2, "answers[0]")
     recs = _wbe()
     recs[0]["ans"] = ""
-    expect_record_error(recs, "wbe-1", "target_new")
+    expect_record_error(recs, "wbe-1", "ans")
     recs = _lit()
     recs[2]["target_new"] = " "
     expect_record_error(recs, "fx-2", "target_new")
@@ -781,6 +781,296 @@ def test_an_existing_file_is_not_taken_for_a_name(tmp_path, monkeypatch, data_en
         load_requests("counterfact.json")  # looks like a file: a missing file, not the data set
 
 
+# --------------------------------------------------------------------------- case ids
+
+
+def test_duplicate_case_ids_are_refused_naming_both_records(caplog):
+    from lit_edit.data import EditDataModule
+
+    recs = _flat()
+    recs[2]["case_id"] = 7  # the id of record 0
+    err = expect_record_error(recs, 2, "case_id")
+    assert "record 0" in str(err) and "7" in str(err)  # both positions and the id
+    # an explicit id equal to another record's position collides too
+    recs = [{"prompt": "The Louvre is in", "target_new": "Vienna"}, {"prompt": "Rust is by", "target_new": "IBM", "case_id": 0}]
+    expect_record_error(recs, 1, "case_id")
+    # requests given in Python: the data module refuses them at construction
+    reqs = load_requests(FIXTURE_FILES["counterfact_flat"])
+    dup = EditRequest(prompt="Seoul is in", target_new="Japan", case_id=reqs[0].case_id)
+    with pytest.raises(RecordError, match=r"record 3: field 'case_id'.*record 0"):
+        EditDataModule(requests=[*reqs, dup])
+    with caplog.at_level("WARNING", logger="lit_edit.data.loaders"):  # skip_invalid keeps the first
+        assert [r.prompt for r in load_requests([*reqs, dup], skip_invalid=True)] == [r.prompt for r in reqs]
+    assert "case_id" in caplog.text
+
+
+@pytest.mark.parametrize("bad", [[1, 2], {"id": 1}, float("nan"), float("inf"), 1.5, True, "", " ", "\u200b"])
+def test_case_id_must_be_a_string_or_an_integer(bad):
+    recs = _lit()
+    recs[1]["case_id"] = bad
+    err = expect_record_error(recs, 1, "case_id")  # named by position: the id itself is unusable
+    if not isinstance(bad, str):
+        assert "must be a string or an integer" in str(err)
+    with pytest.raises(RecordError, match="record 0: field 'case_id'"):
+        load_requests([EditRequest(prompt="Rust is by", target_new="IBM", case_id=bad)])
+
+
+# --------------------------------------------------------------------------- schemas per record
+
+
+def test_skip_invalid_detects_the_schema_of_each_record(caplog):
+    unknown = {"question": "Where is the Louvre?", "answer": "Paris"}
+    with caplog.at_level("WARNING", logger="lit_edit.data.loaders"):
+        reqs = load_requests([unknown, *_zsre()], skip_invalid=True)  # a first record of unknown schema
+    assert [r.case_id for r in reqs] == [1, 2, 3]  # positions in the source
+    assert "skipped 1 invalid records" in caplog.text and "cannot tell the schema" in caplog.text
+    mixed = _flat()[:1] + [{**rec, "case_id": f"z{i}"} for i, rec in enumerate(_zsre() * 3)]  # 1 flat + 9 zsRE
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="lit_edit.data.loaders"):
+        reqs = load_requests(mixed, skip_invalid=True)
+    assert len(reqs) == 10 and reqs[1].target_new == "Kenya"
+    assert "1 counterfact_flat" in caplog.text and "9 zsre" in caplog.text
+
+
+def test_mixed_schemas_without_skip_invalid_name_the_record():
+    mixed = _flat()[:1] + _zsre()
+    err = expect_record_error(mixed, 1, "<record>")
+    assert "'zsre'" in str(err) and "'counterfact_flat'" in str(err) and "record 0" in str(err)
+    # canonical records with only the keys both schemas share read the same in a flat file
+    minimal = {"prompt": "The Louvre is in", "subject": "Louvre", "target_new": "Vienna", "case_id": 99}
+    assert len(load_requests([*_flat(), minimal])) == 4
+    assert len(load_requests([minimal, *_flat()])) == 4
+
+
+# --------------------------------------------------------------------------- files
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "mkfifo"), reason="no FIFOs on this platform")
+def test_a_fifo_or_directory_is_refused_not_read(tmp_path):
+    import os
+    import signal
+
+    fifo = tmp_path / "requests.json"
+    os.mkfifo(fifo)
+    signal.signal(signal.SIGALRM, lambda *_: pytest.fail("reading the FIFO blocked"))
+    signal.alarm(10)
+    try:
+        with pytest.raises(ValueError, match=r"requests\.json: a FIFO \(named pipe\), not a regular file"):
+            load_requests(fifo)
+    finally:
+        signal.alarm(0)
+    (tmp_path / "dir.jsonl").mkdir()
+    with pytest.raises(ValueError, match=r"dir\.jsonl: a directory, not a regular file"):
+        load_requests(tmp_path / "dir.jsonl")
+
+
+def test_file_encodings(tmp_path):
+    recs = _lit()
+    bom = tmp_path / "bom.json"
+    bom.write_text(json.dumps(recs), encoding="utf-8-sig")  # what Windows editors write
+    assert load_requests(bom) == load_requests(recs)
+    bom_lines = tmp_path / "bom.jsonl"
+    bom_lines.write_text("\n".join(json.dumps(r) for r in recs), encoding="utf-8-sig")
+    assert load_requests(bom_lines) == load_requests(recs)
+    latin = tmp_path / "latin1.jsonl"
+    latin.write_bytes(b'{"prompt": "ok", "target_new": "x"}\n{"prompt": "Caf\xe9 is in", "target_new": "Rome"}\n')
+    with pytest.raises(ValueError, match=r"latin1\.jsonl:2: not UTF-8 text \(byte 0xe9"):
+        load_requests(latin)
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ValueError, match=r"deep\.json: not readable JSON \(nested too deeply"):
+        load_requests(deep)
+    deep_lines = tmp_path / "deep.jsonl"
+    deep_lines.write_text('{"prompt": "a", "target_new": "b"}\n' + "[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(ValueError, match=r"deep\.jsonl:2: not readable JSON"):
+        load_requests(deep_lines)
+    # U+2028 may stand unescaped inside a JSON string: it does not end a JSONL line
+    sep = tmp_path / "sep.jsonl"
+    sep.write_text(json.dumps({"prompt": "The Louvre\u2028is in", "target_new": "Vienna"}, ensure_ascii=False) + "\n")
+    assert load_requests(sep)[0].prompt == "The Louvre\u2028is in"
+
+
+def test_empty_path_is_refused_naming_it():
+    from lit_edit.data import EditDataModule
+
+    with pytest.raises(ValueError, match="data source is an empty string"):
+        load_requests("")
+    with pytest.raises(ValueError, match="path is an empty string"):
+        EditDataModule(path="")
+
+
+# --------------------------------------------------------------------------- texts
+
+
+def test_lone_surrogates_and_invisible_texts_are_refused_naming_the_field(tmp_path):
+    path = tmp_path / "surrogate.jsonl"
+    path.write_text('{"case_id": "s-1", "prompt": "The Louvre is in \\ud83d", "target_new": "Vienna"}\n')  # a JSON escape
+    err = expect_record_error(path, "s-1", "prompt")
+    assert "lone surrogate (U+D83D" in str(err)
+    recs = _zsre()
+    recs[0]["alt"] = "\u200b"  # zero-width space only
+    err = expect_record_error(recs, 0, "alt")
+    assert "invisible" in str(err) and "U+200B" in str(err)
+    recs = _flat()
+    recs[0]["subject"] = "\ufeff"  # a byte-order mark
+    expect_record_error(recs, 7, "subject")
+    recs = _lit()
+    recs[0]["target_new"] = "\u2060\u00ad"  # word joiner, soft hyphen
+    expect_record_error(recs, "fx-0", "target_new")
+    with pytest.raises(RecordError, match="field 'target_new'.*surrogate"):
+        EditRequest(prompt="Paris is in", target_new="Fr\udc00", case_id=1).validate()
+    assert load_requests([{"prompt": "Le Louvre est à", "target_new": "Wien \u200bX"}])  # visible text with a ZWSP is fine
+
+
+def _set(path: str, value):
+    """A mutation setting ``record[a][b]...`` (``path`` dotted) to ``value``."""
+
+    def mutate(rec):
+        *parents, last = path.split(".")
+        for p in parents:
+            rec = rec[p]
+        rec[last] = value
+
+    return mutate
+
+
+# (schema, mutation, the field the error must name): every field read from a file, named as the file names it
+FILE_FIELDS = [
+    ("counterfact", _set("requested_rewrite.prompt", "The language of {} is\u200b {}"), "requested_rewrite.prompt"),
+    ("counterfact", _set("requested_rewrite.prompt", ""), "requested_rewrite.prompt"),
+    ("counterfact", _set("requested_rewrite.subject", " "), "requested_rewrite.subject"),
+    ("counterfact", _set("requested_rewrite.subject", 4), "requested_rewrite.subject"),
+    ("counterfact", _set("requested_rewrite.target_new.str", ""), "requested_rewrite.target_new.str"),
+    ("counterfact", _set("requested_rewrite.target_new", "\u200b"), "requested_rewrite.target_new"),
+    ("counterfact", _set("requested_rewrite.target_true.str", "\ufeff"), "requested_rewrite.target_true.str"),
+    ("counterfact", _set("requested_rewrite.target_true.str", None), "requested_rewrite.target_true.str"),
+    ("counterfact", _set("paraphrase_prompts", ["ok", " "]), "paraphrase_prompts[1]"),
+    ("counterfact", _set("neighborhood_prompts", ["\u200b"]), "neighborhood_prompts[0]"),
+    ("counterfact", _set("neighborhood_prompts", 5), "neighborhood_prompts"),
+    ("counterfact_flat", _set("prompt", " "), "prompt"),
+    ("counterfact_flat", _set("target_new", ["\u200b"]), "target_new[0]"),
+    ("counterfact_flat", _set("ground_truth", ""), "ground_truth"),
+    ("counterfact_flat", _set("ground_truth", [" "]), "ground_truth[0]"),
+    ("counterfact_flat", _set("rephrase_prompt", " "), "rephrase_prompt"),
+    ("counterfact_flat", _set("rephrase_prompt", ["a", "\u200b"]), "rephrase_prompt[1]"),
+    ("counterfact_flat", _set("locality_prompt", " "), "locality_prompt"),
+    ("counterfact_flat", _set("locality_ground_truth", "\u00ad"), "locality_ground_truth"),
+    ("zsre", _set("src", "\u200b"), "src"),
+    ("zsre", _set("alt", ""), "alt"),
+    ("zsre", _set("alt", ["", "x"]), "alt[0]"),
+    ("zsre", _set("answers", [" "]), "answers[0]"),
+    ("zsre", _set("rephrase", " "), "rephrase"),
+    ("zsre", _set("loc", " "), "loc"),
+    ("zsre", _set("loc_ans", ""), "loc_ans"),
+    ("zsre", _set("subject", "\u200b"), "subject"),
+    ("wikibigedit", _set("update", " "), "update"),
+    ("wikibigedit", _set("ans", "\u200b"), "ans"),
+    ("wikibigedit", _set("rephrase", ["\u2060"]), "rephrase[0]"),
+    ("wikibigedit", _set("personas", " "), "personas"),
+    ("wikibigedit", _set("loc", [" "]), "loc[0]"),
+    ("wikibigedit", _set("loc_ans", " "), "loc_ans"),
+    ("wikibigedit", _set("mhop", "\u200b"), "mhop"),
+    ("wikibigedit", _set("mhop_ans", [" "]), "mhop_ans[0]"),
+    ("wikibigedit", _set("subject", " "), "subject"),
+    ("lit_edit", _set("ground_truth", " "), "ground_truth"),
+    ("lit_edit", _set("paraphrase_prompts", ["\u200b"]), "paraphrase_prompts[0]"),
+    ("lit_edit", _set("locality", [{"prompt": "x", "answer": " "}]), "locality[0].answer"),
+    ("lit_edit", _set("portability", [{"prompt": "x"}]), "portability[0].answer"),
+    ("lit_edit", _set("locality", "The capital of Norway is"), "locality"),
+]
+
+
+@pytest.mark.parametrize(("schema", "mutate", "field"), FILE_FIELDS, ids=[f"{s}:{f}" for s, _, f in FILE_FIELDS])
+def test_errors_name_the_files_own_field(schema, mutate, field):
+    recs = raw_records(schema)
+    mutate(recs[1])
+    with pytest.raises(RecordError) as excinfo:
+        load_requests(recs)
+    assert excinfo.value.field == field, str(excinfo.value)
+    assert f"field {field!r}" in str(excinfo.value)
+
+
+# --------------------------------------------------------------------------- options
+
+
+def test_load_requests_options_are_checked():
+    path = FIXTURE_FILES["lit_edit"]
+    with pytest.raises(ValueError, match="offset must be >= 0, got -1"):
+        load_requests(path, offset=-1)  # would return the last record
+    with pytest.raises(ValueError, match="limit must be >= 0"):
+        load_requests(path, limit=-2)
+    with pytest.raises(TypeError, match="limit must be an integer"):
+        load_requests(path, limit="10")
+    with pytest.raises(ValueError, match="unknown schema"):
+        load_requests(path, schema=["zsre"])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "name"),
+    [
+        ({"eval_limit": -1}, ValueError, "eval_limit"),
+        ({"eval_limit": 0}, ValueError, "eval_limit"),
+        ({"offset": -1}, ValueError, "offset"),
+        ({"limit": 0}, ValueError, "limit"),
+        ({"batch_size": -1}, ValueError, "batch_size"),
+        ({"batch_size": "16"}, TypeError, "batch_size"),
+        ({"batch_size": 1.5}, TypeError, "batch_size"),
+        ({"shuffle": "no"}, TypeError, "shuffle"),
+        ({"seed": None}, TypeError, "seed"),
+        ({"split": ""}, ValueError, "split"),
+        ({"schema": "zsre"}, ValueError, "schema"),  # the demo set is in the lit_edit schema
+        ({"path": "demo", "schema": "counterfact"}, ValueError, "schema"),
+        ({"schema": "squad"}, ValueError, "schema"),
+        ({"path": ""}, ValueError, "path"),
+        ({"path": "  "}, ValueError, "path"),
+        ({"path": 5}, TypeError, "path"),
+        ({"requests": "edits.json"}, TypeError, "requests"),
+    ],
+)
+def test_data_module_options_are_checked_at_construction(kwargs, error, name):
+    from lit_edit.data import EditDataModule
+
+    with pytest.raises(error, match=name):
+        EditDataModule(**kwargs)
+
+
+def test_data_module_schema_applies_to_given_records():
+    from lit_edit.data import EditDataModule
+
+    assert EditDataModule(schema="lit_edit").load() == demo_requests()
+    assert len(EditDataModule(requests=_flat(), schema="counterfact_flat").load()) == 3
+
+
+# --------------------------------------------------------------------------- length
+
+
+def test_requests_longer_than_the_model_are_refused_naming_record_and_tokens(tokenizer, caplog):
+    from types import SimpleNamespace
+
+    from lit_edit.data import EditDataModule
+
+    long = EditRequest(prompt="The Louvre is in " + "very " * 400 + "old", target_new="Vienna", case_id="long-1")
+    reqs = [*demo_requests()[:2], long]
+    editor = SimpleNamespace(tokenizer=tokenizer, model=SimpleNamespace(config=SimpleNamespace(max_position_embeddings=256)))
+    dm = EditDataModule(requests=reqs)
+    dm.trainer = SimpleNamespace(lightning_module=editor)
+    with pytest.raises(RecordError, match=r"record long-1: field 'prompt': is 40\d tokens long .* 256 positions"):
+        dm.setup("fit")
+    neighbour = EditRequest(prompt="Paris is in", target_new="France", locality=(PromptAnswer("x " * 300, "y"),), case_id=9)
+    dm = EditDataModule(requests=[*demo_requests()[:2], neighbour])
+    dm.trainer = SimpleNamespace(lightning_module=editor)
+    with pytest.raises(RecordError, match=r"record 9: field 'locality\[0\]\.prompt'"):
+        dm.setup("fit")
+    dm = EditDataModule(requests=reqs, skip_invalid=True)
+    dm.trainer = SimpleNamespace(lightning_module=editor)
+    with caplog.at_level("WARNING", logger="lit_edit.data.datamodule"):
+        dm.setup("fit")
+    assert dm.load() == reqs[:2] and "long-1" in caplog.text
+    dm = EditDataModule(requests=reqs)  # a model without a known number of positions: no check
+    dm.trainer = SimpleNamespace(lightning_module=SimpleNamespace(tokenizer=tokenizer, model=SimpleNamespace(config=None)))
+    dm.setup("fit")
+
+
 # --------------------------------------------------------------------------- real benchmark data
 
 
@@ -821,7 +1111,7 @@ def test_real_benchmark_files():
     # two MEND records have an empty ``alt`` (no new target): strict loading names the first
     empty_alt = [i for i, rec in enumerate(raw) if not rec["alt"].strip()]
     assert empty_alt == [534, 723]
-    expect_record_error(SHARED_DATA / "zsre-mend-1k.json", 534, "target_new")
+    expect_record_error(SHARED_DATA / "zsre-mend-1k.json", 534, "alt")
     zs = load_requests(SHARED_DATA / "zsre-mend-1k.json", require_subject=True, skip_invalid=True)
     assert len(zs) == 998
     assert [r.case_id for r in zs] == [i for i in range(1000) if i not in empty_alt]

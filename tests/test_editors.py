@@ -419,3 +419,105 @@ def test_preservation_refuses_lora_negative_weights_and_non_linear_tensors(tiny_
     ed.prepare_for_editing()
     with pytest.raises(ValueError, match=r"model\.layers\.1\.post_attention_layernorm\.weight"):
         ed.prepare_preservation()
+
+
+# --------------------------------------------------------------------------- option validation
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"layers_to_transform": [1, 99]}, ValueError, r"layers_to_transform \[99\] out of range for a model with 2 blocks"),
+        ({"layers_to_transform": []}, ValueError, "layers_to_transform is empty"),
+        ({"layers_to_transform": [1, 1]}, ValueError, "layers_to_transform lists block"),
+        ({"layers_to_transform": [-1]}, ValueError, "layers_to_transform"),
+        ({"layers_to_transform": ["1"]}, TypeError, "layers_to_transform"),
+        ({"layers_to_transform": [1], "target_modules": None}, ValueError, "layers_to_transform restricts target_modules"),
+        ({"target_modules": []}, ValueError, "target_modules is empty"),
+        ({"lora_rank": 0}, ValueError, "lora_rank must be >= 1"),
+        ({"lora_rank": 2.5}, TypeError, "lora_rank"),
+        ({"lora_rank": 4, "lora_alpha": -8.0}, ValueError, "lora_alpha must be > 0"),
+        ({"lora_alpha": 8.0}, ValueError, "lora_alpha .* lora_rank"),
+        ({"lr": float("nan")}, ValueError, "lr must be a finite number"),
+        ({"lr": float("inf")}, ValueError, "lr must be a finite number"),
+        ({"lr": 0.0}, ValueError, "lr must be > 0"),
+        ({"lr": -1e-3}, ValueError, "lr must be > 0"),
+        ({"lr": "abc"}, TypeError, "lr must be a number, got str 'abc'"),
+        ({"min_loss": -0.1}, ValueError, "min_loss must be >= 0"),
+        ({"min_loss": "0.01"}, TypeError, "min_loss"),
+        ({"adam_eps": float("inf")}, ValueError, "adam_eps"),
+        ({"linf_eps": -1.0}, ValueError, "linf_eps must be > 0"),
+        ({"append_eos": "yes"}, TypeError, "append_eos"),
+        ({"preservation": float("nan")}, ValueError, "preservation"),
+        ({"preservation_texts": 0}, ValueError, "preservation_texts"),
+        ({"steps": 0}, ValueError, "steps must be >= 1"),
+        ({"steps": "25"}, TypeError, "steps"),
+    ],
+)
+def test_fine_tuning_options_are_checked_at_construction(tiny_llama, tokenizer, kwargs, error, match):
+    cls = DepthFirstFT if "steps" in kwargs else LocFTBF
+    with pytest.raises(error, match=match):
+        editor(tiny_llama, tokenizer, cls=cls, **kwargs)
+
+
+def test_layers_to_transform_range_and_lora_are_checked_against_the_model(tiny_llama, tokenizer):
+    ed = editor(tiny_llama, tokenizer, layers_to_transform=1, lora_rank=2, lora_alpha=4.0)  # a bare int is one block
+    assert ed.hparams["layers_to_transform"] == 1
+    with pytest.raises(ValueError, match="layers_to_transform is empty"):
+        resolve_mask(tiny_llama, ParameterMask(target_modules=["mlp.down_proj"], layers_to_transform=[]))  # peft: every block
+
+
+@pytest.mark.parametrize(
+    ("cls_name", "kwargs", "error", "match"),
+    [
+        ("MEMIT", {"layers": [1, 1]}, ValueError, r"layers lists block\(s\) \[1\] more than once"),
+        ("MEMIT", {"layers": []}, ValueError, "layers is empty"),
+        ("MEMIT", {"layers": [0, 7]}, ValueError, r"layers \[7\] out of range for a model with 2 blocks"),
+        ("MEMIT", {"layers": "1"}, TypeError, "layers"),
+        ("ROME", {"layers": [0, 1]}, ValueError, "layers must name exactly one block for ROME"),
+        ("EMMET", {"emmet_lambda": -0.1}, ValueError, "emmet_lambda must be >= 0"),
+        ("EMMET", {"emmet_lambda": float("nan")}, ValueError, "emmet_lambda must be a finite number"),
+        ("EMMET", {"emmet_lambda": "0.1"}, TypeError, "emmet_lambda"),
+        ("MEMIT", {"accumulate": "false"}, TypeError, "accumulate"),
+        ("MEMIT", {"values": {"steps": 0}}, ValueError, r"values\.steps must be >= 1"),
+        ("MEMIT", {"statistics": {"n_samples": -5}}, ValueError, r"statistics\.n_samples must be >= 1"),
+    ],
+)
+def test_closed_form_editor_options_are_checked_at_construction(tiny_llama, tokenizer, cls_name, kwargs, error, match):
+    from lit_edit import editors
+
+    with pytest.raises(error, match=match):
+        getattr(editors, cls_name)(model=tiny_llama, tokenizer=tokenizer, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("cls_name", "kwargs", "error", "match"),
+    [
+        ("ValueOptions", {"kl_factor": -0.1}, ValueError, r"values\.kl_factor must be >= 0"),
+        ("ValueOptions", {"weight_decay": -1.0}, ValueError, r"values\.weight_decay must be >= 0"),
+        ("ValueOptions", {"clamp_norm_factor": -4.0}, ValueError, r"values\.clamp_norm_factor must be > 0"),
+        ("ValueOptions", {"steps": 0}, ValueError, r"values\.steps must be >= 1"),
+        ("ValueOptions", {"steps": 2.5}, TypeError, r"values\.steps must be an integer"),
+        ("ValueOptions", {"batch_size": 0}, ValueError, r"values\.batch_size must be >= 1"),
+        ("ValueOptions", {"lr": float("nan")}, ValueError, r"values\.lr must be a finite number"),
+        ("ValueOptions", {"loss_tol": float("inf")}, ValueError, r"values\.loss_tol must be a finite number"),
+        ("ValueOptions", {"kl_factor": float("nan")}, ValueError, r"values\.kl_factor"),
+        ("ValueOptions", {"lr": "abc"}, TypeError, r"values\.lr must be a number"),
+        ("ValueOptions", {"partial_forward": "no"}, TypeError, r"values\.partial_forward"),
+        ("StatisticsOptions", {"update_weight": -1.0}, ValueError, r"statistics\.update_weight must be > 0"),
+        ("StatisticsOptions", {"update_weight": float("inf")}, ValueError, r"statistics\.update_weight"),
+        ("StatisticsOptions", {"n_samples": 0}, ValueError, r"statistics\.n_samples must be >= 1"),
+        ("StatisticsOptions", {"n_samples": -3}, ValueError, r"statistics\.n_samples must be >= 1"),
+        ("StatisticsOptions", {"max_length": 1}, ValueError, r"statistics\.max_length must be >= 2"),
+        ("StatisticsOptions", {"batch_size": 0}, ValueError, r"statistics\.batch_size must be >= 1"),
+        ("StatisticsOptions", {"corpus": " "}, ValueError, r"statistics\.corpus"),
+        ("StatisticsOptions", {"adjustment": 1}, TypeError, r"statistics\.adjustment"),
+        ("TemplateOptions", {"max_per_group": -1}, ValueError, r"templates\.max_per_group must be >= 0"),
+        ("TemplateOptions", {"seed": "0"}, TypeError, r"templates\.seed"),
+    ],
+)
+def test_closed_form_option_groups_are_checked(cls_name, kwargs, error, match):
+    from lit_edit.editors import closed_form
+
+    with pytest.raises(error, match=match):
+        getattr(closed_form, cls_name)(**kwargs)

@@ -8,6 +8,8 @@ requests (:attr:`EditDataModule.eval_requests`).
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Optional
 
@@ -18,11 +20,21 @@ from typing_extensions import override
 
 from lit_edit.data.loaders import SCHEMAS, load_requests
 from lit_edit.data.registry import known_dataset, unknown_source_message
-from lit_edit.data.request import EditRequest
+from lit_edit.data.request import EditRequest, RecordError, with_space
+from lit_edit.data.tokenize import encode_prompt
+from lit_edit.options import check_bool, check_int, check_str
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EditDataModule", "EpochShuffleSampler", "RequestDataset", "ResumableDataLoader"]
+__all__ = [
+    "EditDataModule",
+    "EpochShuffleSampler",
+    "RequestDataset",
+    "RequestTooLong",
+    "ResumableDataLoader",
+    "max_positions",
+    "overlong_requests",
+]
 
 
 class RequestDataset(Dataset):
@@ -85,6 +97,54 @@ class ResumableDataLoader(DataLoader):
         return it
 
 
+def max_positions(model: Any) -> Optional[int]:
+    """The number of positions ``model`` reads (``config.max_position_embeddings`` or ``n_positions``), if known."""
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+class RequestTooLong(RecordError):
+    """A request whose longest (prompt, answer) sequence exceeds the model's positions."""
+
+    def __init__(self, request: EditRequest, field_name: str, tokens: int, positions: int):
+        self.request, self.tokens, self.positions = request, tokens, positions
+        super().__init__(
+            request.case_id, field_name,
+            f"is {tokens} tokens long with its answer, more than the {positions} positions the model reads; shorten it",
+        )
+
+
+def overlong_requests(requests: list[EditRequest], tokenizer: Any, positions: int) -> list[RequestTooLong]:
+    """The requests with a (prompt, answer) pair longer than ``positions`` tokens (prompt + space + answer + EOS).
+
+    Every prompt is checked with its answer: the prompt and each paraphrase with ``target_new``
+    (and the prompt with ``ground_truth``), each locality and portability prompt with its answer.
+    Only texts long enough to reach the limit are tokenized (a token covers at least one UTF-8
+    byte, up to a few special tokens), so the check costs nothing on ordinary data.
+    """
+    margin = 8  # special tokens (BOS, EOS) and a SentencePiece prefix space, which cover no byte of the text
+    out: list[RequestTooLong] = []
+    for r in requests:
+        pairs = [("prompt", r.prompt, r.target_new)]
+        if r.ground_truth is not None:
+            pairs.append(("prompt", r.prompt, r.ground_truth))
+        pairs += [(f"paraphrase_prompts[{i}]", p, r.target_new) for i, p in enumerate(r.paraphrase_prompts)]
+        for kind in ("locality", "portability"):
+            pairs += [(f"{kind}[{i}].prompt", pa.prompt, pa.answer) for i, pa in enumerate(getattr(r, kind))]
+        for field_name, prompt, answer in pairs:
+            if len(prompt.encode("utf-8")) + len(answer.encode("utf-8")) + 1 + margin <= positions:
+                continue
+            n = len(encode_prompt(tokenizer, prompt)) + len(tokenizer(with_space(answer), add_special_tokens=False)["input_ids"]) + 1
+            if n > positions:
+                out.append(RequestTooLong(r, field_name, n, positions))
+                break
+    return out
+
+
 def _as_list(batch: list[EditRequest]) -> list[EditRequest]:
     return list(batch)
 
@@ -92,9 +152,54 @@ def _as_list(batch: list[EditRequest]) -> list[EditRequest]:
 def _is_unknown_name(path: str) -> bool:
     """A bare word (no file suffix, no directory) that is neither a file nor a known benchmark."""
     p = Path(path)
-    if known_dataset(path) is not None or p.exists() or p.suffix in (".json", ".jsonl"):
+    try:
+        exists = p.exists()
+    except (OSError, ValueError):  # a name too long for the file system is no file
+        exists = False
+    if known_dataset(path) is not None or exists or p.suffix in (".json", ".jsonl"):
         return False
     return "/" not in path and "\\" not in path
+
+
+def _check_arguments(
+    path: Any, schema: Any, limit: Any, offset: Any, batch_size: Any, shuffle: Any, eval_limit: Any,
+    require_subject: Any, split: Any, seed: Any, skip_invalid: Any, requests: Any,
+) -> None:
+    """Refuse bad :class:`EditDataModule` arguments at construction, naming the argument."""
+    if schema is not None and (not isinstance(schema, str) or schema not in SCHEMAS):
+        raise ValueError(f"schema must be one of {sorted(SCHEMAS)} (or null to detect it), got {schema!r}")
+    check_int("limit", limit, minimum=1, allow_none=True)
+    check_int("offset", offset, minimum=0)
+    check_int("batch_size", batch_size, minimum=0)
+    check_int("eval_limit", eval_limit, minimum=1, allow_none=True)
+    check_int("seed", seed)
+    for name, value in (("shuffle", shuffle), ("require_subject", require_subject), ("skip_invalid", skip_invalid)):
+        check_bool(name, value)
+    check_str("split", split, allow_none=True)
+    if requests is not None:
+        if isinstance(requests, (str, bytes, Mapping)) or not isinstance(requests, Iterable):
+            raise TypeError(f"requests must be a list of EditRequest (or of records), got {type(requests).__name__}")
+        return
+    if path is None:
+        if schema not in (None, "lit_edit"):
+            raise ValueError(f"schema={schema!r} does not apply to the demo set (its records are in the 'lit_edit' schema); leave schema null")
+        return
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a file path, a data set name, a Hub dataset id or null, got {type(path).__name__}")
+    text = str(path)
+    if not text.strip():
+        raise ValueError(
+            "path is an empty string: pass a .json/.jsonl file, a data set name (counterfact, zsre, wikibigedit), "
+            "a Hub dataset id (owner/name), or null / 'demo' for the built-in demo set"
+        )
+    if "\0" in text:
+        raise ValueError(f"path {text!r} contains a NUL character")
+    if text == "demo":
+        if schema not in (None, "lit_edit"):
+            raise ValueError(f"schema={schema!r} does not apply to the demo set (its records are in the 'lit_edit' schema); leave schema null")
+        return
+    if isinstance(path, str) and _is_unknown_name(path):
+        raise ValueError(unknown_source_message(path))  # at parse time, before a model is loaded
 
 
 class EditDataModule(L.LightningDataModule):
@@ -137,17 +242,12 @@ class EditDataModule(L.LightningDataModule):
         requests: Optional[list[EditRequest]] = None,
     ):
         super().__init__()
-        if schema is not None and schema not in SCHEMAS:
-            raise ValueError(f"unknown schema {schema!r}; known: {sorted(SCHEMAS)}")
-        if batch_size < 0:
-            raise ValueError(f"batch_size must be >= 0, got {batch_size}")
-        if limit is not None and limit <= 0:
-            raise ValueError(f"limit must be positive, got {limit}")
-        if requests is None and isinstance(path, str) and path != "demo" and _is_unknown_name(path):
-            raise ValueError(unknown_source_message(path))  # at parse time, before a model is loaded
+        _check_arguments(path, schema, limit, offset, batch_size, shuffle, eval_limit, require_subject, split, seed, skip_invalid, requests)
         self.save_hyperparameters(ignore=["requests"])
-        self._given = requests
+        self._given = list(requests) if requests is not None else None
         self.requests: Optional[list[EditRequest]] = None
+        if self._given is not None or path in (None, "demo"):
+            self.load()  # in memory: check the requests (and offset/limit) now, before any model is loaded
 
     def load(self) -> list[EditRequest]:
         """Read (once) and validate the requests."""
@@ -163,7 +263,7 @@ class EditDataModule(L.LightningDataModule):
                 source = hp.path
             self.requests = load_requests(
                 source,
-                schema=hp.schema if self._given is None and hp.path not in (None, "demo") else None,
+                schema=hp.schema if hp.path not in (None, "demo") or self._given is not None else None,
                 limit=hp.limit,
                 offset=hp.offset,
                 split=hp.split,
@@ -181,6 +281,19 @@ class EditDataModule(L.LightningDataModule):
         if getattr(editor, "requires_subject", False):
             for r in requests:
                 r.validate(require_subject=True)
+        tokenizer, model = getattr(editor, "tokenizer", None), getattr(editor, "model", None)
+        positions = max_positions(model)
+        if tokenizer is not None and positions is not None:
+            too_long = overlong_requests(requests, tokenizer, positions)
+            if too_long and not self.hparams.skip_invalid:
+                raise too_long[0]
+            if too_long:
+                drop = {id(e.request) for e in too_long}
+                self.requests = [r for r in requests if id(r) not in drop]
+                log.warning("skipped %d requests longer than the model's %d positions, e.g. %s",
+                            len(too_long), positions, "; ".join(str(e) for e in too_long[:3]))
+                if not self.requests:
+                    raise ValueError(f"no edit requests fit the model's {positions} positions ({len(too_long)} skipped)")
 
     @property
     def eval_requests(self) -> list[EditRequest]:

@@ -39,6 +39,8 @@ from lit_edit.closed_form import ContextTemplates, TemplateSpec, ValueSettings, 
 from lit_edit.config_hub import hub_settings, identify
 from lit_edit.data.request import EditRequest
 from lit_edit.editors.base import Editor
+from lit_edit.masks import check_layers
+from lit_edit.options import check_bool, check_int, check_real
 
 log = logging.getLogger(__name__)
 
@@ -75,14 +77,15 @@ class ValueOptions:
     partial_forward: bool = True
 
     def __post_init__(self) -> None:
-        _check(self.lr is None or self.lr > 0, "values.lr", "> 0", self.lr)
-        _check(self.steps is None or self.steps >= 1, "values.steps", ">= 1", self.steps)
-        _check(self.loss_tol >= 0, "values.loss_tol", ">= 0", self.loss_tol)
-        _check(self.kl_factor >= 0, "values.kl_factor", ">= 0", self.kl_factor)
-        _check(self.weight_decay is None or self.weight_decay >= 0, "values.weight_decay", ">= 0", self.weight_decay)
-        _check(self.clamp_norm_factor is None or self.clamp_norm_factor > 0, "values.clamp_norm_factor", "> 0",
-               self.clamp_norm_factor)
-        _check(self.batch_size >= 1, "values.batch_size", ">= 1", self.batch_size)
+        # TypeError for a value of the wrong kind, ValueError out of range (NaN and ±inf included), naming the option
+        check_real("values.lr", self.lr, minimum=0, exclusive=True, allow_none=True)
+        check_int("values.steps", self.steps, minimum=1, allow_none=True)
+        check_real("values.loss_tol", self.loss_tol, minimum=0)
+        check_real("values.kl_factor", self.kl_factor, minimum=0)
+        check_real("values.weight_decay", self.weight_decay, minimum=0, allow_none=True)
+        check_real("values.clamp_norm_factor", self.clamp_norm_factor, minimum=0, exclusive=True, allow_none=True)
+        check_int("values.batch_size", self.batch_size, minimum=1)
+        check_bool("values.partial_forward", self.partial_forward)
 
 
 @dataclass(frozen=True)
@@ -108,13 +111,15 @@ class StatisticsOptions:
     batch_size: int = 8
 
     def __post_init__(self) -> None:
-        _check(self.update_weight is None or self.update_weight > 0, "statistics.update_weight", "> 0",
-               self.update_weight)
-        _check(self.n_samples >= 1, "statistics.n_samples", ">= 1", self.n_samples)
-        _check(self.max_length >= 1, "statistics.max_length", ">= 1", self.max_length)
+        check_bool("statistics.adjustment", self.adjustment)
+        check_real("statistics.update_weight", self.update_weight, minimum=0, exclusive=True, allow_none=True)
+        check_int("statistics.n_samples", self.n_samples, minimum=1)
+        # a text of one token has no key after its first position; two is the shortest that says anything
+        check_int("statistics.max_length", self.max_length, minimum=2)
         _check(self.dtype in ("float32", "float64"), "statistics.dtype", "'float32' or 'float64'", self.dtype)
-        _check(bool(self.corpus), "statistics.corpus", "a non-empty text source", self.corpus)
-        _check(self.batch_size >= 1, "statistics.batch_size", ">= 1", self.batch_size)
+        _check(isinstance(self.corpus, str) and bool(self.corpus.strip()), "statistics.corpus", "a non-empty text source",
+               self.corpus)
+        check_int("statistics.batch_size", self.batch_size, minimum=1)
 
 
 @dataclass(frozen=True)
@@ -131,8 +136,8 @@ class TemplateOptions:
     max_per_group: Optional[int] = None
 
     def __post_init__(self) -> None:
-        _check(self.max_per_group is None or self.max_per_group >= 0, "templates.max_per_group", ">= 0",
-               self.max_per_group)
+        check_int("templates.seed", self.seed)
+        check_int("templates.max_per_group", self.max_per_group, minimum=0, allow_none=True)
 
 
 #: Settings group name -> its dataclass.
@@ -207,7 +212,13 @@ class ClosedFormEditor(Editor):
             "statistics": _options(StatisticsOptions, statistics, "statistics"),
             "templates": _options(TemplateOptions, templates, "templates"),
         }
+        check_layers(layers, None, "layers")  # before the model is loaded; its range once it is
+        check_bool("accumulate", accumulate)
         super().__init__(model, tokenizer, dtype)
+        if layers is not None:
+            edited = check_layers(layers, self.num_layers, "layers")
+            if self.family == "rome" and len(edited) != 1:
+                raise ValueError(f"layers must name exactly one block for ROME, got {layers!r}")
         # hparams: exactly this editor's init arguments, settings groups as plain mappings.
         params = inspect.signature(type(self).__init__).parameters
         if not any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params.values()):
@@ -265,11 +276,7 @@ class ClosedFormEditor(Editor):
                 log.warning("no default layers for %s with %d blocks in the config hub; using %s "
                             "(pass layers, or add lit_edit/config_hub/<model>/%s.yaml)",
                             self.model.config.model_type, self.num_layers, layers, self.family)
-        layers = [layers] if isinstance(layers, int) else list(layers)
-        bad = [l for l in layers if not 0 <= l < self.num_layers]
-        if bad:
-            raise ValueError(f"layers {bad} out of range for a model with {self.num_layers} blocks")
-        return sorted(layers)
+        return sorted(check_layers(layers, self.num_layers, "layers", allow_none=False))
 
     def default_location(self) -> dict[str, Any]:
         return {"target_modules": [self.arch.mlp_out], "layers_to_transform": self.edit_layers}

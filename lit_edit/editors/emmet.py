@@ -14,6 +14,7 @@ import torch
 from lit_edit.closed_form import emmet_solve
 from lit_edit.editors.closed_form import StatisticsOptions, TemplateOptions, ValueOptions
 from lit_edit.editors.memit import MEMIT
+from lit_edit.options import check_real
 
 __all__ = ["EMMET"]
 
@@ -39,8 +40,7 @@ class EMMET(MEMIT):
         accumulate: bool = True,
         emmet_lambda: float = 0.1,
     ):
-        if not emmet_lambda >= 0:
-            raise ValueError(f"emmet_lambda must be >= 0, got {emmet_lambda!r}")
+        check_real("emmet_lambda", emmet_lambda, minimum=0)  # TypeError / ValueError naming it (NaN, inf, < 0)
         super().__init__(model, tokenizer, dtype, layers, values, statistics, templates, accumulate)
         self._record_hparams(emmet_lambda=float(emmet_lambda))
 

@@ -48,11 +48,48 @@ from lit_edit.config_hub import hub_defaults, hub_settings
 from lit_edit.data.request import EditRequest
 from lit_edit.editors.base import Editor
 from lit_edit.losses import PreservationTerm, ft_loss, preservation_loss
-from lit_edit.masks import ElementMaskHook, resolve_mask
+from lit_edit.masks import ElementMaskHook, check_layers, resolve_mask
+from lit_edit.options import check_bool, check_int, check_real, check_str
 
 log = logging.getLogger(__name__)
 
 __all__ = ["DepthFirstFT", "FineTuneEditor", "LocFTBF"]
+
+
+def _check_options(**o: Any) -> None:
+    """Refuse bad fine-tuning options before any work, naming the option (TypeError / ValueError)."""
+    targets = o["target_modules"]
+    if targets is not None:
+        if isinstance(targets, str):
+            check_str("target_modules", targets)
+        elif not isinstance(targets, (list, tuple)) or not all(isinstance(t, str) and t.strip() for t in targets):
+            raise TypeError(f"target_modules must be a regex string or a list of module names, got {targets!r}")
+        elif not targets:
+            raise ValueError("target_modules is empty: name at least one module (e.g. ['mlp.down_proj']), or leave it null")
+    check_layers(o["layers_to_transform"], None, "layers_to_transform")
+    if o["layers_to_transform"] is not None and targets is None:
+        raise ValueError(
+            "layers_to_transform restricts target_modules, which is null (the config hub's location, blocks included); "
+            "pass target_modules too, e.g. target_modules=['mlp.down_proj']"
+        )
+    check_real("lr", o["lr"], minimum=0, exclusive=True, allow_none=True)
+    if o["loss"] not in ("ft_m", "ft_l"):
+        raise ValueError(f"loss must be 'ft_m' or 'ft_l', got {o['loss']!r}")
+    check_bool("append_eos", o["append_eos"])
+    check_real("min_loss", o["min_loss"], minimum=0)
+    check_real("adam_eps", o["adam_eps"], minimum=0, exclusive=True)
+    check_real("linf_eps", o["linf_eps"], minimum=0, exclusive=True, allow_none=True)
+    check_int("lora_rank", o["lora_rank"], minimum=1, allow_none=True)
+    check_real("lora_alpha", o["lora_alpha"], minimum=0, exclusive=True, allow_none=True)
+    if o["lora_alpha"] is not None and o["lora_rank"] is None:
+        raise ValueError("lora_alpha scales a LoRA adapter, but lora_rank is null (full fine-tuning); pass lora_rank too")
+    if o["linf_eps"] is not None and o["lora_rank"] is not None:
+        raise ValueError("linf_eps constrains tuned weights directly; it cannot be combined with lora_rank")
+    check_real("preservation", o["preservation"], minimum=0)
+    if o["preservation"] > 0 and o["lora_rank"] is not None:
+        raise ValueError("preservation penalises the change of tuned weights; it cannot be combined with lora_rank")
+    check_int("preservation_texts", o["preservation_texts"], minimum=1)
+    check_str("preservation_corpus", o["preservation_corpus"])
 
 
 class FineTuneEditor(Editor):
@@ -109,19 +146,13 @@ class FineTuneEditor(Editor):
         preservation_texts: int = 1000,
         preservation_corpus: str = "wiki:train",
     ):
+        _check_options(
+            target_modules=target_modules, layers_to_transform=layers_to_transform, lr=lr, loss=loss, append_eos=append_eos,
+            min_loss=min_loss, adam_eps=adam_eps, linf_eps=linf_eps, lora_rank=lora_rank, lora_alpha=lora_alpha,
+            preservation=preservation, preservation_texts=preservation_texts, preservation_corpus=preservation_corpus,
+        )  # before the model is loaded
         super().__init__(model, tokenizer, dtype, target_modules, layers_to_transform, layers_pattern, exclude_modules)
-        if loss not in ("ft_m", "ft_l"):
-            raise ValueError(f"loss must be 'ft_m' or 'ft_l', got {loss!r}")
-        if not adam_eps > 0:
-            raise ValueError(f"adam_eps must be > 0, got {adam_eps}")
-        if linf_eps is not None and lora_rank is not None:
-            raise ValueError("linf_eps constrains tuned weights directly; it cannot be combined with lora_rank")
-        if not preservation >= 0:
-            raise ValueError(f"preservation must be >= 0, got {preservation}")
-        if preservation > 0 and lora_rank is not None:
-            raise ValueError("preservation penalises the change of tuned weights; it cannot be combined with lora_rank")
-        if preservation_texts < 1:
-            raise ValueError(f"preservation_texts must be >= 1, got {preservation_texts}")
+        check_layers(layers_to_transform, self.num_layers, "layers_to_transform")
         self._element_masks = self._read_element_masks(element_masks)
         if isinstance(element_masks, dict):
             self.hparams["element_masks"] = sorted(element_masks)
@@ -386,9 +417,9 @@ class DepthFirstFT(FineTuneEditor):
     hub_key = "depth_first_ft"
 
     def __init__(self, *args: Any, steps: int = 25, accumulate: bool = True, **kwargs: Any):
+        check_int("steps", steps, minimum=1)
+        check_bool("accumulate", accumulate)
         super().__init__(*args, **kwargs)
-        if steps < 1:
-            raise ValueError(f"steps must be >= 1, got {steps}")
         if not accumulate and self.hparams.get("lora_rank"):
             raise ValueError("accumulate=False restores tensors after each batch; it cannot be combined with lora_rank")
         self.automatic_optimization = False
