@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -186,6 +187,13 @@ def test_load_requests_on_generated_records(records, schema, skip_invalid):
 
 
 _TMP = Path(tempfile.mkdtemp(prefix="lit_edit_fuzz_"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _remove_generated_files():
+    """The generated files, FIFOs and directories go when the module's tests are done."""
+    yield
+    shutil.rmtree(_TMP, ignore_errors=True)
 
 
 @st.composite
