@@ -11,6 +11,7 @@ named, so editors never hard-code module paths.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
 from collections.abc import Iterator
@@ -37,6 +38,7 @@ __all__ = [
     "load_causal_lm",
     "model_identity",
     "model_name",
+    "weights_fingerprint",
     "resolve_dtype",
     "eval_mode",
     "get_module",
@@ -167,6 +169,48 @@ def model_identity(model: nn.Module) -> str:
     when the model came from the hub at a known revision."""
     revision = getattr(getattr(model, "config", None), "_commit_hash", None)
     return f"{model_name(model)}@{revision}" if revision else model_name(model)
+
+
+def weights_fingerprint(
+    model: nn.Module, up_to_layer: Optional[int] = None, exclude: Union[str, tuple[str, ...]] = ()
+) -> str:
+    """A sha256 of the weights a computation depends on: every parameter and buffer (name, dtype,
+    shape and bytes) of the model, or, with ``up_to_layer``, of everything the hidden states up to
+    block ``up_to_layer`` depend on: the embeddings and blocks ``0..up_to_layer`` (later blocks,
+    the final norm and the LM head are left out). ``exclude`` leaves out modules by name prefix
+    (e.g. the hooked module, whose input does not depend on its own weights).
+
+    Any change of one bit in a covered tensor changes the fingerprint, and two models with the
+    same name or class but different weights never share one. The cost is one pass over the
+    covered bytes (about 0.3 s per 500 MB on a CPU with SHA extensions, plus the copy from the
+    GPU); lit_edit computes it once per cache look-up, not per step.
+    """
+    skip = (exclude,) if isinstance(exclude, str) else tuple(exclude)
+    blocks: Optional[str] = None
+    if up_to_layer is not None:
+        arch = arch_for(model)
+        blocks = arch.layers + "."
+        skip = skip + (arch.final_norm, arch.lm_head)
+
+    def covered(name: str) -> bool:
+        if any(name == s or name.startswith(s + ".") for s in skip):
+            return False
+        if blocks is not None and name.startswith(blocks):
+            index = name[len(blocks):].split(".", 1)[0]
+            return not index.isdigit() or int(index) <= int(up_to_layer)
+        return True
+
+    h = hashlib.sha256(b"lit_edit.weights/1")
+    tensors = dict(model.named_buffers())
+    tensors.update(dict(model.named_parameters()))
+    for name in sorted(tensors):
+        if not covered(name):
+            continue
+        t = tensors[name].detach()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        if t.numel():
+            h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
 
 
 def model_device(model: nn.Module) -> torch.device:

@@ -45,7 +45,7 @@ from lit_edit.editors.base import Editor
 from lit_edit.evaluation import Evaluation, Evaluator
 from lit_edit.evaluation.metrics import harmonic_mean
 from lit_edit.io import atomic_write
-from lit_edit.models import arch_for, load_causal_lm, model_identity
+from lit_edit.models import arch_for, load_causal_lm, model_identity, weights_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -190,14 +190,16 @@ class Study:
     def unedited(self, requests: list[EditRequest], need_reference: bool = True) -> Evaluation:
         """The unedited model's evaluation on ``requests``.
 
-        The figures are kept in ``unedited.json`` beside the table, fingerprinted by model,
-        requests and evaluation settings. When ``need_reference`` is false (every run of the
+        The figures are kept in ``unedited.json`` beside the table, fingerprinted by model (its
+        name and a hash of its weights, :func:`~lit_edit.models.weights_fingerprint`), requests and
+        evaluation settings. When ``need_reference`` is false (every run of the
         table is finished and only the table is redrawn) stored figures are used as they are,
         so nothing is evaluated.
         """
         path = self.out / "unedited.json"
         settings = {
             "model": self.model_name,
+            "weights": weights_fingerprint(self.model),
             "requests": [[r.case_id, r.prompt, r.target_new] for r in requests],
             "protocols": self.evaluator.descriptions(),
         }

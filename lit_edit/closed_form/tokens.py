@@ -7,7 +7,8 @@ so it is exact whatever the tokenizer merges.
 
 Context templates are short texts sampled from the model itself and put in front of the prompt
 (``"<text>. {}"``); keys are averaged over them. :class:`ContextTemplates` samples them once per
-(model, seed, spec) and caches them on disk under ``cache_root()/templates/`` and on the
+(model, seed, spec) and caches them on disk under ``cache_root()/templates/``, keyed by a
+fingerprint of the model's weights (:func:`lit_edit.models.weights_fingerprint`), and on the
 instance (never in module globals).
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import weakref
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -26,7 +28,7 @@ from torch import nn
 from lit_edit.data.request import EditRequest, RecordError
 from lit_edit.data.tokenize import encode_target
 from lit_edit.io import atomic_write, cache_root
-from lit_edit.models import model_identity
+from lit_edit.models import model_identity, weights_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -141,39 +143,74 @@ def _clean_template(text: str) -> str:
     return text.replace("{", " ").replace("}", " ").strip() + ". {}"
 
 
+def _template_groups_ok(groups: Any) -> bool:
+    """Whether ``groups`` is a list of lists of templates, group 0 being ``["{}"]``."""
+    return (
+        isinstance(groups, list)
+        and bool(groups)
+        and groups[0] == ["{}"]
+        and all(isinstance(g, list) and all(isinstance(t, str) and "{}" in t for t in g) for g in groups)
+    )
+
+
 class ContextTemplates:
     """Sampled context templates, cached per (model, seed, spec) on disk and on this object.
 
+    On disk the key holds a fingerprint of the model's weights, so a different model (even one
+    with the same name) never reuses another's templates; a file that cannot be read or does not
+    hold template groups is resampled (one log line says why). On this object templates are kept
+    per model object, seed and spec for the object's life: an editor samples them once, from the
+    model as it was at its first edit, and keeps them while its edits change the weights.
+
     Args:
-        cache_dir: where template files live (default ``cache_root()/templates``);
-            ``None``-like ``False`` disables the disk cache.
+        cache_dir: where template files live (default ``cache_root()/templates``).
+        use_disk: ``False`` disables the disk cache.
     """
 
     def __init__(self, cache_dir: Optional[Path] = None, use_disk: bool = True):
         self.cache_dir = Path(cache_dir) if cache_dir is not None else cache_root() / "templates"
         self.use_disk = use_disk
-        self._memo: dict[str, list[list[str]]] = {}
+        self._memo: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def __getstate__(self) -> dict[str, Any]:  # picklable (e.g. DDP spawn): the in-memory memo is not kept
+        return {**self.__dict__, "_memo": None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._memo = weakref.WeakKeyDictionary()
 
     @staticmethod
     def key(model: nn.Module, spec: TemplateSpec, seed: int) -> dict[str, Any]:
+        """The disk-cache key: model name, :func:`~lit_edit.models.weights_fingerprint` of the
+        whole model, seed and spec."""
         # normalised through JSON so a key read back from disk compares equal (tuples -> lists)
-        return json.loads(json.dumps({"model": model_identity(model), "seed": int(seed), "spec": asdict(spec)}))
+        return json.loads(json.dumps({
+            "model": model_identity(model), "weights": weights_fingerprint(model), "seed": int(seed), "spec": asdict(spec),
+        }))
 
     def get(self, model: nn.Module, tokenizer: Any, spec: TemplateSpec, seed: int = 0) -> list[list[str]]:
         """Template groups; group 0 is ``["{}"]`` (the bare prompt)."""
+        memo = self._memo.setdefault(model, {})
+        wanted = json.dumps({"seed": int(seed), "spec": asdict(spec)}, sort_keys=True)
+        if wanted in memo:
+            return memo[wanted]
         key = self.key(model, spec, seed)
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-        if digest in self._memo:
-            return self._memo[digest]
         path = self.cache_dir / f"{digest}.json"
         if self.use_disk and path.exists():
-            stored = json.loads(path.read_text())
-            if stored.get("key") == key:
+            try:
+                stored = json.loads(path.read_text())
+                why = ("its key differs" if not isinstance(stored, dict) or stored.get("key") != key
+                       else "" if _template_groups_ok(stored.get("templates")) else "it holds no template groups")
+            except (OSError, ValueError) as exc:
+                why = f"it cannot be read ({type(exc).__name__}: {exc})"
+            if not why:
                 log.info("reusing cached context templates %s", path)
-                self._memo[digest] = stored["templates"]
+                memo[wanted] = stored["templates"]
                 return stored["templates"]
+            log.warning("context template cache %s is unusable (%s); sampling again", path, why)
         groups = [["{}"]] + sample_templates(model, tokenizer, spec, seed)
-        self._memo[digest] = groups
+        memo[wanted] = groups
         if self.use_disk:
             text = json.dumps({"key": key, "templates": groups}, indent=1, ensure_ascii=False)
             atomic_write(path, lambda tmp: Path(tmp).write_text(text))

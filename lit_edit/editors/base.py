@@ -202,6 +202,26 @@ class Editor(L.LightningModule):
     # ------------------------------------------------------------------ Lightning plumbing
 
     @override
+    def configure_model(self) -> None:
+        # Lightning's true-precision plugins (bf16-true, 16-true, 64-true) convert every floating
+        # tensor of a batch and fail on a list of frozen EditRequest; edit batches hold no tensors
+        # (the editors tokenize them), so they pass through unchanged.
+        _pass_edit_batches(self.trainer.precision_plugin)
+
+    @torch.no_grad()
+    def match_originals_dtype(self) -> None:
+        """Cast the recorded originals to their tensors' current dtype, when a precision plugin
+        (``--trainer.precision bf16-true | 16-true | 64-true``) converted the model after they were
+        recorded: :meth:`restore` and :meth:`save_edit` then refer to the model as it is edited
+        (a saved edit applies to the base loaded in that dtype)."""
+        params = dict(self.model.named_parameters())
+        changed = [n for n, v in self._originals.items() if n in params and v.dtype != params[n].dtype]
+        for name in changed:
+            self._originals[name] = self._originals[name].to(params[name].dtype)
+        if changed:
+            log.info("the model is now %s: %d recorded original(s) cast to it", params[changed[0]].dtype, len(changed))
+
+    @override
     def forward(self, **inputs: Any) -> Any:
         return self.model(**inputs)
 
@@ -227,3 +247,20 @@ class Editor(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         for name, value in checkpoint.get("lit_edit_originals", {}).items():
             self._originals.setdefault(name, value)
+
+
+def _is_edit_batch(batch: Any) -> bool:
+    return isinstance(batch, list) and all(isinstance(r, EditRequest) for r in batch)
+
+
+def _pass_edit_batches(plugin: Any) -> None:
+    """Make ``plugin.convert_input`` leave edit batches (lists of :class:`EditRequest`) alone."""
+    if getattr(plugin, "_lit_edit_passes_edit_batches", False):
+        return
+    convert = plugin.convert_input
+
+    def convert_input(data: Any) -> Any:
+        return data if _is_edit_batch(data) else convert(data)
+
+    plugin.convert_input = convert_input
+    plugin._lit_edit_passes_edit_batches = True

@@ -28,17 +28,20 @@ import copy
 import dataclasses
 import inspect
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Optional, Union
+from typing import Any, ClassVar, Literal, Optional, Union
 
 import torch
 from typing_extensions import override
 
-from lit_edit.closed_form import ContextTemplates, TemplateSpec, ValueSettings, projection_weight
+from lit_edit.closed_form import ContextTemplates, TemplateSpec, ValueSettings, apply_update, mlp_out_module, projection_weight
 from lit_edit.config_hub import hub_settings, identify
 from lit_edit.data.request import EditRequest
 from lit_edit.editors.base import Editor
+from lit_edit.guards import DEFAULT_MAX_UPDATE_RATIO, UpdateGuard, UpdateSize
 from lit_edit.masks import check_layers
 from lit_edit.options import check_bool, check_int, check_real
 
@@ -140,6 +143,16 @@ class TemplateOptions:
         check_int("templates.max_per_group", self.max_per_group, minimum=0, allow_none=True)
 
 
+@contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
+
+
 #: Settings group name -> its dataclass.
 OPTION_GROUPS: dict[str, type] = {"values": ValueOptions, "statistics": StatisticsOptions, "templates": TemplateOptions}
 
@@ -185,6 +198,11 @@ class ClosedFormEditor(Editor):
         statistics: the key statistics (:class:`StatisticsOptions`).
         templates: the context templates (:class:`TemplateOptions`).
         accumulate: keep each batch's edit (sequential) or undo it after the batch (single/batched).
+        max_update_ratio: refuse (or warn about) an update ΔW larger than this relative to W: the
+            larger of ‖ΔW‖_F/‖W‖_F and max|ΔW|/max|W| (:mod:`lit_edit.guards`); ``None`` checks
+            only that it is finite. Non-finite updates are always refused.
+        on_bad_update: ``refuse`` (raise, naming the batch's case ids, the tensor and the ratio,
+            and put back every tensor the batch changed, bit for bit) or ``warn`` (write it).
 
     Each group also accepts a mapping of its fields (``values={"steps": 10}``); ``self.hparams``
     holds the groups as plain mappings, as given (``None`` where the config hub decides).
@@ -206,7 +224,10 @@ class ClosedFormEditor(Editor):
         statistics: StatisticsOptions = StatisticsOptions(),
         templates: TemplateOptions = TemplateOptions(),
         accumulate: bool = True,
+        max_update_ratio: Optional[float] = DEFAULT_MAX_UPDATE_RATIO,
+        on_bad_update: Literal["refuse", "warn"] = "refuse",
     ):
+        guard = UpdateGuard(max_update_ratio, on_bad_update)
         groups = {
             "values": _options(ValueOptions, values, "values"),
             "statistics": _options(StatisticsOptions, statistics, "statistics"),
@@ -226,6 +247,9 @@ class ClosedFormEditor(Editor):
                 del self.hparams[name]
         self._record_hparams(**{name: dataclasses.asdict(g) for name, g in groups.items()})
         self.automatic_optimization = False
+        #: The check every update passes before it is written (:mod:`lit_edit.guards`).
+        self.guard = guard
+        self._batch_saved: Optional[dict[str, torch.Tensor]] = None
         self._templates = ContextTemplates()
         self._stats: dict[int, Optional[torch.Tensor]] = {}
         self._hub: Optional[dict[str, Any]] = None
@@ -357,6 +381,55 @@ class ClosedFormEditor(Editor):
         """``W`` of ``layer`` as ``(d_out, d_in)``."""
         return projection_weight(self.model, layer, self.arch)
 
+    # ------------------------------------------------------------------ writing updates
+
+    @contextmanager
+    def edit_batch(self) -> Iterator[None]:
+        """Make one edit batch all-or-nothing: if anything fails inside (a refused update, an
+        error, an interrupt), every tensor the batch changed gets its pre-batch value back, bit
+        for bit, and tensors first touched by the batch leave the undo record."""
+        if self._batch_saved is not None:  # nested: the outer batch is the unit
+            yield
+            return
+        recorded = set(self._originals)
+        self._batch_saved = saved = {}
+        try:
+            yield
+        except BaseException:
+            params = dict(self.model.named_parameters())
+            with torch.no_grad():
+                for name, value in saved.items():
+                    params[name].copy_(value.to(params[name].device))
+            for name in set(self._originals) - recorded:
+                del self._originals[name]
+            if saved:
+                log.warning("edit batch failed: restored %d tensor(s) to their values before the batch", len(saved))
+            raise
+        finally:
+            self._batch_saved = None
+
+    @torch.no_grad()
+    def write_update(self, layer: int, delta: torch.Tensor, requests: list[EditRequest]) -> UpdateSize:
+        """Check ``Δ`` (``d_out × d_in``) with :attr:`guard`, then add it to W of ``layer``.
+
+        Raises :class:`~lit_edit.guards.UnsafeUpdateError` (nothing written) for a non-finite
+        update or, with ``on_bad_update="refuse"``, one above ``max_update_ratio``.
+        """
+        name = self.weight_name(layer)
+        weight = mlp_out_module(self.model, layer, self.arch).weight
+        size = self.guard.check(
+            name, weight, delta.T if self.arch.conv1d else delta, [r.case_id for r in requests],
+            hint=f"Check the key statistics and statistics.update_weight of {type(self).__name__} "
+                 "(docs/methods.md §5.1)",
+        )
+        first = name not in self._originals
+        self.touch(name)
+        if self._batch_saved is not None and name not in self._batch_saved:
+            # its pre-batch value: the undo record's copy when this batch touches it first, else a copy now
+            self._batch_saved[name] = self._originals[name] if first else weight.detach().cpu().clone()
+        apply_update(weight, delta, self.arch.conv1d)
+        return size
+
     # ------------------------------------------------------------------ Lightning
 
     @override
@@ -365,6 +438,7 @@ class ClosedFormEditor(Editor):
 
     @override
     def on_fit_start(self) -> None:
+        self.match_originals_dtype()
         self.prepare_statistics()
 
     def edit(self, requests: list[EditRequest]) -> dict[str, float]:
@@ -374,7 +448,10 @@ class ClosedFormEditor(Editor):
     @override
     def training_step(self, batch: list[EditRequest], batch_idx: int) -> None:
         requests = [r.validate(require_subject=True) for r in batch]
-        diag = self.edit(requests)
+        # A true-precision plugin (bf16-true, 64-true, ...) sets torch's default dtype while the
+        # step runs; keys, values and solves stay float32/float64 whatever the model's dtype.
+        with _default_dtype(torch.float32):
+            diag = self.edit(requests)
         for name, value in diag.items():
             self.log(f"edit/{name}", float(value), prog_bar=name in ("v_loss", "update_norm"), on_step=True, batch_size=len(batch))
         return None

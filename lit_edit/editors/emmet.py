@@ -7,13 +7,14 @@ inverted in float64 (pseudo-inverse fallback); cond(D) is logged per layer.
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Literal, Optional, Union
 
 import torch
 
 from lit_edit.closed_form import emmet_solve
 from lit_edit.editors.closed_form import StatisticsOptions, TemplateOptions, ValueOptions
 from lit_edit.editors.memit import MEMIT
+from lit_edit.guards import DEFAULT_MAX_UPDATE_RATIO
 from lit_edit.options import check_real
 
 __all__ = ["EMMET"]
@@ -39,9 +40,12 @@ class EMMET(MEMIT):
         templates: TemplateOptions = TemplateOptions(),  # noqa: B008 (frozen)
         accumulate: bool = True,
         emmet_lambda: float = 0.1,
+        max_update_ratio: Optional[float] = DEFAULT_MAX_UPDATE_RATIO,
+        on_bad_update: Literal["refuse", "warn"] = "refuse",
     ):
         check_real("emmet_lambda", emmet_lambda, minimum=0)  # TypeError / ValueError naming it (NaN, inf, < 0)
-        super().__init__(model, tokenizer, dtype, layers, values, statistics, templates, accumulate)
+        super().__init__(model, tokenizer, dtype, layers, values, statistics, templates, accumulate,
+                         max_update_ratio=max_update_ratio, on_bad_update=on_bad_update)
         self._record_hparams(emmet_lambda=float(emmet_lambda))
 
     def solve(self, K: torch.Tensor, R: torch.Tensor, C: Optional[torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:

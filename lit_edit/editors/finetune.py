@@ -47,6 +47,7 @@ from typing_extensions import override
 from lit_edit.config_hub import hub_defaults, hub_settings
 from lit_edit.data.request import EditRequest
 from lit_edit.editors.base import Editor
+from lit_edit.guards import DEFAULT_MAX_UPDATE_RATIO, UpdateGuard
 from lit_edit.losses import PreservationTerm, ft_loss, preservation_loss
 from lit_edit.masks import ElementMaskHook, check_layers, resolve_mask
 from lit_edit.options import check_bool, check_int, check_real, check_str
@@ -122,6 +123,17 @@ class FineTuneEditor(Editor):
             the statistics ``C``.
         preservation_corpus: source of those texts (``wiki:train`` = the offline Wikipedia
             extracts not used for perplexity; or a local file / hub dataset name).
+        max_update_ratio: after every optimizer step, the tuned tensors must be finite and their
+            total change W − W₀ from the original must stay under this (the larger of
+            ‖W − W₀‖_F/‖W₀‖_F and max|W − W₀|/max|W₀|, :mod:`lit_edit.guards`); ``None`` checks
+            finiteness only. A violation puts back the weights from before the step.
+        on_bad_update: ``refuse`` (stop the fit with :class:`~lit_edit.guards.UnsafeUpdateError`
+            naming the batch's case ids, the tensor and the ratio) or ``warn`` (continue).
+            Non-finite weights are always refused.
+
+    Float16 weights keep Adam's state in float16, where ε below 6.1e-5 underflows and the step
+    becomes NaN: with float16 tensors to tune, ``adam_eps`` must be at least that (else an error
+    at construction); bfloat16 and float32 have no such limit.
     """
 
     def __init__(
@@ -145,13 +157,21 @@ class FineTuneEditor(Editor):
         preservation: float = 0.0,
         preservation_texts: int = 1000,
         preservation_corpus: str = "wiki:train",
+        max_update_ratio: Optional[float] = DEFAULT_MAX_UPDATE_RATIO,
+        on_bad_update: Literal["refuse", "warn"] = "refuse",
     ):
         _check_options(
             target_modules=target_modules, layers_to_transform=layers_to_transform, lr=lr, loss=loss, append_eos=append_eos,
             min_loss=min_loss, adam_eps=adam_eps, linf_eps=linf_eps, lora_rank=lora_rank, lora_alpha=lora_alpha,
             preservation=preservation, preservation_texts=preservation_texts, preservation_corpus=preservation_corpus,
         )  # before the model is loaded
+        guard = UpdateGuard(max_update_ratio, on_bad_update)
         super().__init__(model, tokenizer, dtype, target_modules, layers_to_transform, layers_pattern, exclude_modules)
+        #: The check the tuned tensors pass after every optimizer step (:mod:`lit_edit.guards`).
+        self.guard = guard
+        self._w0: dict[str, torch.Tensor] = {}
+        if lora_rank is None:
+            self.check_adam_dtype(self.model.parameters())
         check_layers(layers_to_transform, self.num_layers, "layers_to_transform")
         self._element_masks = self._read_element_masks(element_masks)
         if isinstance(element_masks, dict):
@@ -277,11 +297,68 @@ class FineTuneEditor(Editor):
             if name in self._element_masks:
                 p.copy_(torch.where(self._element_masks[name].to(p.device), p, w0))
 
+    # ------------------------------------------------------------------ guards
+
+    def check_adam_dtype(self, params) -> None:
+        """Refuse float16 tensors to tune when ``adam_eps`` underflows in float16 (Adam's state has the
+        tensors' dtype; ε = 1e-8 becomes 0 and the step NaN)."""
+        eps = float(self.hparams["adam_eps"])
+        tiny = torch.finfo(torch.float16).tiny
+        if eps < tiny and any(p.dtype == torch.float16 for p in params):
+            raise ValueError(
+                f"adam_eps={eps:g} underflows in float16: Adam keeps its state in the tuned tensors' dtype, and with "
+                f"ε below {tiny:.2g} (the smallest normal float16) its steps become NaN. Pass adam_eps >= 1e-4, or tune "
+                "in bfloat16 / float32 (--model.dtype bfloat16, --trainer.precision bf16-true)"
+            )
+
+    @torch.no_grad()
+    def snapshot_trainable(self) -> dict[str, torch.Tensor]:
+        """Copies of the trainable tensors (taken before an optimizer step, to undo a refused one)."""
+        return {name: p.detach().clone() for name, p in self._trainable.items()}
+
+    def _changes(self):
+        """``(name, W₀, W − W₀)`` of every tuned weight (for LoRA: the adapter's merged update)."""
+        if self.hparams.get("lora_rank"):
+            from peft.tuners.lora import LoraLayer
+
+            for name, module in self.model.named_modules():
+                if isinstance(module, LoraLayer):
+                    yield f"{name}.weight", module.get_base_layer().weight, module.get_delta_weight("default")
+            return
+        for name, p in self._trainable.items():
+            w0 = self._w0.get(name)
+            if w0 is None or w0.device != p.device or w0.dtype != p.dtype:
+                w0 = self._w0[name] = self._originals[name].to(device=p.device, dtype=p.dtype)
+            acc = torch.promote_types(p.dtype, torch.float32)
+            yield name, w0, p.detach().to(acc) - w0.to(acc)
+
+    @torch.no_grad()
+    def check_step(self, requests: list[EditRequest], saved: dict[str, torch.Tensor]) -> float:
+        """After an optimizer step: the tuned tensors must be finite and their change from the
+        originals within :attr:`guard`'s limit. A violation puts ``saved`` (the pre-step values)
+        back and raises :class:`~lit_edit.guards.UnsafeUpdateError` (``on_bad_update="warn"``:
+        only a non-finite tensor does). Returns the largest ratio (logged as ``train/update_ratio``)."""
+        from lit_edit.guards import UnsafeUpdateError
+
+        ids = [r.case_id for r in requests]
+        hint = (f"Lower lr (now {self.learning_rate:g}), or check adam_eps ({self.hparams['adam_eps']:g}) "
+                f"and the weights' dtype (docs/methods.md §5.1)")
+        largest = 0.0
+        try:
+            for name, w0, delta in self._changes():
+                largest = max(largest, self.guard.check(name, w0, delta, ids, what="change since the original", hint=hint).ratio)
+        except UnsafeUpdateError:
+            for name, value in saved.items():
+                self._trainable[name].copy_(value)
+            raise
+        return largest
+
     # ------------------------------------------------------------------ optimisation
 
     @override
     def configure_optimizers(self):
         params = list(self.prepare_for_editing().values())
+        self.check_adam_dtype(params)
         return torch.optim.Adam(params, lr=self.learning_rate, eps=self.hparams["adam_eps"], weight_decay=0.0)
 
     def edit_loss(self, requests: list[EditRequest]) -> torch.Tensor:
@@ -346,6 +423,10 @@ class FineTuneEditor(Editor):
     @override
     def on_fit_start(self) -> None:
         self.optimizer_steps = 0
+        if not self.hparams.get("lora_rank"):
+            self.touch(list(self._trainable))  # again after a restore(): the guard and save_edit need W₀
+        self.match_originals_dtype()
+        self._w0 = {}
         self.prepare_preservation()
 
     @override
@@ -369,6 +450,8 @@ class LocFTBF(FineTuneEditor):
         super().__init__(*args, **kwargs)
         self._epoch_loss = 0.0
         self._epoch_count = 0
+        self._step_saved: Optional[dict[str, torch.Tensor]] = None
+        self._step_requests: list[EditRequest] = []
 
     @override
     def on_train_epoch_start(self) -> None:
@@ -384,11 +467,16 @@ class LocFTBF(FineTuneEditor):
         if value < self.hparams["min_loss"]:
             return None  # converged batch: no optimizer step
         self.optimizer_steps += 1
+        self._step_saved, self._step_requests = self.snapshot_trainable(), list(batch)
         return loss
 
     @override
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.project()
+        saved, self._step_saved = self._step_saved, None
+        if saved is not None:
+            ratio = self.check_step(self._step_requests, saved)
+            self.log("train/update_ratio", ratio, on_step=True, on_epoch=False, batch_size=len(self._step_requests))
 
     @override
     def on_train_epoch_end(self) -> None:
@@ -436,7 +524,7 @@ class DepthFirstFT(FineTuneEditor):
             return None
         opt = self.optimizers()
         opt.optimizer.state.clear()  # every batch starts from a fresh Adam state
-        steps_taken, loss_value = 0, float("nan")
+        steps_taken, loss_value, ratio = 0, float("nan"), 0.0
         for _ in range(self.hparams["steps"]):
             edit, loss = self.training_loss(todo)
             loss_value = float(edit.detach())
@@ -444,13 +532,16 @@ class DepthFirstFT(FineTuneEditor):
                 break
             opt.zero_grad()
             self.manual_backward(loss)
+            saved = self.snapshot_trainable()
             opt.step()
             self.project()
+            ratio = max(ratio, self.check_step(todo, saved))
             steps_taken += 1
         self.optimizer_steps += steps_taken
         self._done.update(self._key(r) for r in todo)
         self.log_dict(
-            {"train/loss": loss_value, "train/steps": float(steps_taken), "edits_done": float(len(self._done))},
+            {"train/loss": loss_value, "train/steps": float(steps_taken), "edits_done": float(len(self._done)),
+             "train/update_ratio": ratio},
             prog_bar=True, on_step=True, on_epoch=False, batch_size=len(todo),
         )
         return None

@@ -14,11 +14,9 @@ import torch
 
 from lit_edit.closed_form import (
     MEMIT_TEMPLATES,
-    apply_update,
     block_outputs_at,
     keys_at,
     memit_solve,
-    mlp_out_module,
     optimize_values,
 )
 from lit_edit.data.request import EditRequest
@@ -59,7 +57,16 @@ class MEMIT(ClosedFormEditor):
     @torch.no_grad()
     def edit(self, requests: list[EditRequest], values: Optional[list] = None) -> dict[str, float]:
         """Apply one edit batch. ``values`` may carry the :meth:`target_values` of these requests
-        computed earlier (e.g. shared between MEMIT and EMMET with the same layers and settings)."""
+        computed earlier (e.g. shared between MEMIT and EMMET with the same layers and settings).
+
+        Each layer's update is checked by :attr:`guard` before it is written; a refused one raises
+        :class:`~lit_edit.guards.UnsafeUpdateError` and puts back the layers this batch already
+        edited, so the weights are as they were before the batch.
+        """
+        with self.edit_batch():
+            return self._edit(requests, values)
+
+    def _edit(self, requests: list[EditRequest], values: Optional[list]) -> dict[str, float]:
         layers = self.edit_layers
         groups = self.context_templates()
         results = values if values is not None else self.target_values(requests)
@@ -67,15 +74,17 @@ class MEMIT(ClosedFormEditor):
         loss = torch.cat([r.loss for r in results])
         nll = torch.cat([r.nll for r in results])
         start = block_outputs_at(self.model, self.tokenizer, requests, layers[-1], arch=self.arch)
-        diag: dict[str, float] = {"v_loss": float(loss.mean()), "v_nll": float(nll.mean()), "update_norm": 0.0}
+        diag: dict[str, float] = {
+            "v_loss": float(loss.mean()), "v_nll": float(nll.mean()), "update_norm": 0.0, "update_ratio": 0.0,
+        }
         extra_sum: dict[str, float] = {}
         for i, layer in enumerate(layers):
             K = keys_at(self.model, self.tokenizer, requests, layer, groups, arch=self.arch)  # (E, d_in)
             cur = block_outputs_at(self.model, self.tokenizer, requests, layers[-1], arch=self.arch)
             R = (Z - cur) / (len(layers) - i)  # (E, d_out)
             delta, extra = self.solve(K.T, R.T, self.key_statistics(layer))
-            self.touch(self.weight_name(layer))
-            apply_update(mlp_out_module(self.model, layer, self.arch).weight, delta, self.arch.conv1d)
+            size = self.write_update(layer, delta, requests)
+            diag["update_ratio"] = max(diag["update_ratio"], size.ratio)
             diag["update_norm"] += float(delta.norm())
             diag[f"update_norm/layer{layer}"] = float(delta.norm())
             fit = (delta @ K.T.double() - R.T.double()).norm() / R.norm().clamp_min(1e-12)

@@ -9,13 +9,14 @@ key in ``W k`` and the denominator (Ŵ k_prompt = v*).
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Literal, Optional, Union
 
 import torch
 
-from lit_edit.closed_form import ROME_TEMPLATES, apply_update, keys_at, mlp_out_module, optimize_values, rome_solve
+from lit_edit.closed_form import ROME_TEMPLATES, keys_at, mlp_out_module, optimize_values, rome_solve
 from lit_edit.data.request import EditRequest
 from lit_edit.editors.closed_form import ClosedFormEditor, StatisticsOptions, TemplateOptions, ValueOptions
+from lit_edit.guards import DEFAULT_MAX_UPDATE_RATIO
 
 __all__ = ["ROME"]
 
@@ -43,8 +44,11 @@ class ROME(ClosedFormEditor):
         templates: TemplateOptions = TemplateOptions(),  # noqa: B008 (frozen)
         accumulate: bool = True,
         original_rome: bool = False,
+        max_update_ratio: Optional[float] = DEFAULT_MAX_UPDATE_RATIO,
+        on_bad_update: Literal["refuse", "warn"] = "refuse",
     ):
-        super().__init__(model, tokenizer, dtype, layers, values, statistics, templates, accumulate)
+        super().__init__(model, tokenizer, dtype, layers, values, statistics, templates, accumulate,
+                         max_update_ratio=max_update_ratio, on_bad_update=on_bad_update)
         self._record_hparams(original_rome=bool(original_rome))
 
     @property
@@ -62,14 +66,24 @@ class ROME(ClosedFormEditor):
 
     @torch.no_grad()
     def edit(self, requests: list[EditRequest]) -> dict[str, float]:
+        """Apply one edit batch in place, one rank-one update per request; returns diagnostics.
+
+        Every update is checked by :attr:`guard` before it is written; a refused one raises
+        :class:`~lit_edit.guards.UnsafeUpdateError` and puts back the updates this batch already
+        wrote, so the weights are as they were before the batch.
+        """
+        with self.edit_batch():
+            return self._edit(requests)
+
+    def _edit(self, requests: list[EditRequest]) -> dict[str, float]:
         layer = self.layer
         groups = self.context_templates()
         flat = [t for g in groups for t in g]
         C = self.key_statistics(layer)
-        name = self.weight_name(layer)
         settings = self.value_settings()
         partial = self.settings.values.partial_forward
         diag = {"v_loss": 0.0, "v_nll": 0.0, "v_steps": 0.0, "update_norm": 0.0, "residual": 0.0}
+        largest = 0.0
         for r in requests:
             k_star = keys_at(self.model, self.tokenizer, [r], layer, groups, arch=self.arch)[0]
             with torch.enable_grad():
@@ -84,12 +98,11 @@ class ROME(ClosedFormEditor):
                 k_d = k_star
             residual = v_star - self._module_out(k_d)
             delta = rome_solve(k_star, residual, C, denominator_key=k_d)
-            self.touch(name)
-            apply_update(mlp_out_module(self.model, layer, self.arch).weight, delta, self.arch.conv1d)
+            largest = max(largest, self.write_update(layer, delta, [r]).ratio)
             after = self._module_out(k_d)
             diag["v_loss"] += float(val.loss[0])
             diag["v_nll"] += float(val.nll[0])
             diag["v_steps"] += float(val.steps[0])
             diag["update_norm"] += float(delta.norm())
             diag["residual"] += float((after - v_star).norm() / v_star.norm().clamp_min(1e-12))
-        return {k: v / len(requests) for k, v in diag.items()}
+        return {**{k: v / len(requests) for k, v in diag.items()}, "update_ratio": largest}
