@@ -32,6 +32,7 @@ from torch import nn
 
 from lit_edit.closed_form.hooks import forward_until
 from lit_edit.data.tokenize import pad_rows
+from lit_edit.distributed import all_reduce_sum, gather_objects, rank_and_world_size
 from lit_edit.io import atomic_write, cache_root
 from lit_edit.models import arch_for, eval_mode, model_identity, resolve_dtype, weights_fingerprint
 
@@ -86,9 +87,15 @@ def accumulate_second_moment(
 ) -> tuple[torch.Tensor, int]:
     """``(Σ k kᵀ, number of keys)`` over the non-padding tokens of ``rows`` (token id lists), where
     ``k`` is the input of ``module``; each forward stops at ``module``. The model runs in eval mode
-    on its own device; sums accumulate in ``dtype`` on the CPU."""
+    on its own device; sums accumulate in ``dtype``.
+
+    Inside a DDP run every process must call it: each accumulates its share of the rows (every
+    N-th) and the sums are all-reduced, so every process returns the sums over all rows.
+    """
     device = next(model.parameters()).device
     d_in = _input_dim(module)
+    rank, world = rank_and_world_size()
+    rows = rows[rank::world]
     total = torch.zeros(d_in, d_in, dtype=dtype, device=device)
     count = 0
     starts = range(0, len(rows), batch_size)
@@ -103,6 +110,9 @@ def accumulate_second_moment(
             k = keys[mask.to(device).bool()].to(dtype)
             total += k.T @ k
             count += k.shape[0]
+    if world > 1:
+        all_reduce_sum(total)
+        count = int(all_reduce_sum(torch.tensor([count], dtype=torch.float64, device=device)).item())
     return total.cpu(), count
 
 
@@ -209,6 +219,8 @@ def second_moment(
     sidecar = path.with_suffix(".json")
     if cache:
         data, why = _read_cache(path, key, d_in)
+        if rank_and_world_size()[1] > 1 and not all(gather_objects(data is not None)):
+            data, why = None, ""  # some process cannot read it: all compute together (a collective)
         if data is not None:
             log.info("reusing cached statistics %s (layer %d %s, %d tokens): %s", key.model, layer, module, int(data["count"]), path)
             return SecondMoment(mom2=data["mom2"], count=int(data["count"]), key=key, cached=True)
@@ -233,7 +245,7 @@ def second_moment(
             f"the key statistics of {key.model} layer {layer} {module} over {key.corpus} are unusable: {why} "
             f"({count} tokens); keys that are all zero or not finite cannot be edited with key statistics"
         )
-    if cache:
+    if cache and rank_and_world_size()[0] == 0:  # one process writes the cache for all
         atomic_write(path, lambda tmp: torch.save({"mom2": mom2, "count": count}, tmp))
         atomic_write(sidecar, lambda tmp: Path(tmp).write_text(json.dumps({"key": asdict(key), "count": count, "file": path.name}, indent=1)))
         log.info("statistics cached in %s", path)

@@ -30,7 +30,7 @@ from lit_edit.models import arch_for, load_causal_lm, model_name
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Editor"]
+__all__ = ["Editor", "check_strategy"]
 
 
 class Editor(L.LightningModule):
@@ -56,6 +56,10 @@ class Editor(L.LightningModule):
     }
     #: Whether requests must carry a subject contained in the prompt.
     requires_subject: ClassVar[bool] = False
+    #: Whether the editor runs correctly on several processes under Lightning's DDP strategy.
+    supports_ddp: ClassVar[bool] = True
+    #: Whether every process must see the same edit batches (Lightning's distributed sampler off).
+    replicated_batches: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -202,11 +206,24 @@ class Editor(L.LightningModule):
     # ------------------------------------------------------------------ Lightning plumbing
 
     @override
+    def setup(self, stage: str) -> None:
+        trainer = self.trainer
+        check_strategy(
+            type(self).__name__,
+            trainer.strategy,
+            trainer.world_size,
+            supports_ddp=self.supports_ddp,
+            distributed_sampler=getattr(trainer._accelerator_connector, "use_distributed_sampler", False),
+            replicated_batches=self.replicated_batches,
+        )
+
+    @override
     def configure_model(self) -> None:
         # Lightning's true-precision plugins (bf16-true, 16-true, 64-true) convert every floating
         # tensor of a batch and fail on a list of frozen EditRequest; edit batches hold no tensors
         # (the editors tokenize them), so they pass through unchanged.
-        _pass_edit_batches(self.trainer.precision_plugin)
+        if self._trainer is not None:  # also called without a Trainer, by load_from_checkpoint
+            _pass_edit_batches(self.trainer.precision_plugin)
 
     @torch.no_grad()
     def match_originals_dtype(self) -> None:
@@ -264,3 +281,45 @@ def _pass_edit_batches(plugin: Any) -> None:
 
     plugin.convert_input = convert_input
     plugin._lit_edit_passes_edit_batches = True
+
+
+def check_strategy(
+    editor: str,
+    strategy: Any,
+    world_size: int,
+    supports_ddp: bool = True,
+    distributed_sampler: bool = False,
+    replicated_batches: bool = False,
+) -> None:
+    """Refuse, before any work, a Lightning strategy the editor cannot run correctly under.
+
+    Supported: one process (any accelerator and precision) and DDP (``ddp``, ``ddp_spawn``,
+    ``ddp_fork``, ...) with several processes for the editors that support it. Editors whose
+    every process must see the same edit batches (the closed-form ones) need Lightning's
+    distributed sampler off (``Trainer(use_distributed_sampler=False)``; the recipes set it).
+    """
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy, SingleDeviceStrategy
+
+    if isinstance(strategy, (FSDPStrategy, ModelParallelStrategy)):
+        raise RuntimeError(
+            f"{editor} does not support {type(strategy).__name__} (FSDP / model parallel): the editors read and write whole "
+            "weight matrices and keep bit-exact copies of the tensors they touch. Use DDP (each process holds the whole "
+            "model; one 80 GB GPU holds an 8B model in bfloat16, see docs/distributed.md) or a single device."
+        )
+    if world_size <= 1 or isinstance(strategy, SingleDeviceStrategy):
+        return
+    if not isinstance(strategy, DDPStrategy) or type(strategy).__name__ == "DeepSpeedStrategy":
+        raise RuntimeError(
+            f"{editor} is not supported under {type(strategy).__name__}; supported: a single device, or DDP "
+            "(--trainer.strategy ddp) with several processes"
+        )
+    if not supports_ddp:
+        raise RuntimeError(
+            f"{editor} runs on one process only: each request is optimised to convergence before the next, "
+            "so the processes of a DDP run cannot share the work; run it with --trainer.devices 1 (or use LocFTBF under DDP)"
+        )
+    if replicated_batches and distributed_sampler:
+        raise RuntimeError(
+            f"{editor} under DDP needs every process to see the same edit batches: pass "
+            "Trainer(use_distributed_sampler=False) (--trainer.use_distributed_sampler false); the recipes set it"
+        )

@@ -40,6 +40,7 @@ from typing_extensions import override
 from lit_edit.closed_form import ContextTemplates, TemplateSpec, ValueSettings, apply_update, mlp_out_module, projection_weight
 from lit_edit.config_hub import hub_settings, identify
 from lit_edit.data.request import EditRequest
+from lit_edit.distributed import broadcast_tensors, rank_and_world_size
 from lit_edit.editors.base import Editor
 from lit_edit.guards import DEFAULT_MAX_UPDATE_RATIO, UpdateGuard, UpdateSize
 from lit_edit.masks import check_layers
@@ -211,8 +212,9 @@ class ClosedFormEditor(Editor):
     family: ClassVar[str] = ""
     template_spec: ClassVar[TemplateSpec] = TemplateSpec()
     value_site: ClassVar[str] = "block"
-    trainer_defaults = {**Editor.trainer_defaults, "max_epochs": 1}
+    trainer_defaults = {**Editor.trainer_defaults, "max_epochs": 1, "use_distributed_sampler": False}
     requires_subject = True
+    replicated_batches = True
 
     def __init__(
         self,
@@ -445,13 +447,24 @@ class ClosedFormEditor(Editor):
         """Apply one edit batch in place; returns diagnostics."""
         raise NotImplementedError
 
+    def shared_values(self, requests: list[EditRequest]) -> Optional[list]:
+        """Under DDP: the target values of ``requests``, each process optimising its share, gathered
+        in request order (every process then solves the same system). ``None``: every process
+        computes them all (ROME, whose values depend on the edits applied before them)."""
+        return None
+
     @override
     def training_step(self, batch: list[EditRequest], batch_idx: int) -> None:
         requests = [r.validate(require_subject=True) for r in batch]
         # A true-precision plugin (bf16-true, 64-true, ...) sets torch's default dtype while the
         # step runs; keys, values and solves stay float32/float64 whatever the model's dtype.
+        distributed = rank_and_world_size()[1] > 1
         with _default_dtype(torch.float32):
-            diag = self.edit(requests)
+            values = self.shared_values(requests) if distributed else None
+            diag = self.edit(requests) if values is None else self.edit(requests, values=values)
+        if distributed:  # every process ends the batch with process 0's tensors, bit for bit
+            params = dict(self.model.named_parameters())
+            broadcast_tensors(params[name] for name in self.touched)
         for name, value in diag.items():
             self.log(f"edit/{name}", float(value), prog_bar=name in ("v_loss", "update_norm"), on_step=True, batch_size=len(batch))
         return None

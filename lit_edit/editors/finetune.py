@@ -46,6 +46,7 @@ from typing_extensions import override
 
 from lit_edit.config_hub import hub_defaults, hub_settings
 from lit_edit.data.request import EditRequest
+from lit_edit.distributed import all_reduce_sum, rank_and_world_size
 from lit_edit.editors.base import Editor
 from lit_edit.guards import DEFAULT_MAX_UPDATE_RATIO, UpdateGuard
 from lit_edit.losses import PreservationTerm, ft_loss, preservation_loss
@@ -227,6 +228,7 @@ class FineTuneEditor(Editor):
 
     @override
     def setup(self, stage: str) -> None:
+        super().setup(stage)
         if stage == "fit":
             self.prepare_for_editing()
 
@@ -448,6 +450,7 @@ class LocFTBF(FineTuneEditor):
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
+        self.automatic_optimization = False  # the min_loss rule decides whether a mini-batch steps
         self._epoch_loss = 0.0
         self._epoch_count = 0
         self._step_saved: Optional[dict[str, torch.Tensor]] = None
@@ -458,17 +461,28 @@ class LocFTBF(FineTuneEditor):
         self._epoch_loss, self._epoch_count = 0.0, 0
 
     @override
-    def training_step(self, batch: list[EditRequest], batch_idx: int):
+    def training_step(self, batch: list[EditRequest], batch_idx: int) -> None:
+        opt = self.optimizers()
+        opt.zero_grad()
         edit, loss = self.training_loss(batch)
-        value = float(edit.detach())
-        self._epoch_loss += value * len(batch)
-        self._epoch_count += len(batch)
-        self.log("train/loss", edit.detach(), prog_bar=True, on_step=True, on_epoch=False, batch_size=len(batch))
-        if value < self.hparams["min_loss"]:
-            return None  # converged batch: no optimizer step
-        self.optimizer_steps += 1
+        # The skip and early-stop rules read the mean loss of the whole mini-batch, over every
+        # process of a DDP run, so the processes step (or skip) together.
+        total = all_reduce_sum(torch.tensor([float(edit.detach()) * len(batch), len(batch)], dtype=torch.float64, device=self.device))
+        value = float(total[0] / total[1])
+        self._epoch_loss += float(total[0])
+        self._epoch_count += int(total[1])
+        self.log("train/loss", value, prog_bar=True, on_step=True, on_epoch=False, batch_size=len(batch))
+        if value < self.hparams["min_loss"]:  # converged mini-batch: no optimizer step
+            if rank_and_world_size()[1] > 1:
+                self.manual_backward(loss * 0.0)  # DDP expects a backward after each forward
+                opt.zero_grad(set_to_none=True)
+            opt.step()  # no gradient: nothing moves, but the step counts as a mini-batch
+            return None
+        self.manual_backward(loss)
         self._step_saved, self._step_requests = self.snapshot_trainable(), list(batch)
-        return loss
+        opt.step()
+        self.optimizer_steps += 1
+        return None
 
     @override
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -503,6 +517,7 @@ class DepthFirstFT(FineTuneEditor):
 
     trainer_defaults = {**Editor.trainer_defaults, "max_epochs": 1}
     hub_key = "depth_first_ft"
+    supports_ddp = False
 
     def __init__(self, *args: Any, steps: int = 25, accumulate: bool = True, **kwargs: Any):
         check_int("steps", steps, minimum=1)

@@ -14,12 +14,14 @@ import torch
 
 from lit_edit.closed_form import (
     MEMIT_TEMPLATES,
+    ValueResult,
     block_outputs_at,
     keys_at,
     memit_solve,
     optimize_values,
 )
 from lit_edit.data.request import EditRequest
+from lit_edit.distributed import gather_objects, rank_and_world_size
 from lit_edit.editors.closed_form import ClosedFormEditor
 
 __all__ = ["MEMIT"]
@@ -53,6 +55,26 @@ class MEMIT(ClosedFormEditor):
                     )
                 )
         return results
+
+    def shared_values(self, requests: list[EditRequest]) -> list[ValueResult]:
+        """Each process optimises requests ``rank, rank + N, ...`` of the batch; the results are
+        gathered and put back in request order (one :class:`ValueResult`)."""
+        rank, world = rank_and_world_size()
+        mine = self.target_values(requests[rank::world]) if rank < len(requests) else []
+        fields = ("target", "initial", "delta", "loss", "nll", "steps")
+        local = {f: torch.cat([getattr(r, f) for r in mine]).cpu() if mine else None for f in fields}
+        device = self.model.device
+        merged: dict[str, torch.Tensor] = {}
+        for r, part in enumerate(gather_objects(local)):
+            if part["target"] is None:
+                continue
+            rows = torch.arange(r, len(requests), world)
+            for f in fields:
+                if f not in merged:
+                    merged[f] = torch.zeros((len(requests), *part[f].shape[1:]), dtype=part[f].dtype)
+                merged[f][rows] = part[f]
+        on_device = {f: merged[f].to(device) if f in ("target", "initial", "delta") else merged[f] for f in fields}
+        return [ValueResult(**on_device)]
 
     @torch.no_grad()
     def edit(self, requests: list[EditRequest], values: Optional[list] = None) -> dict[str, float]:

@@ -60,6 +60,14 @@ class EvaluationReference:
             "locality_generations": dict(self.locality_generations),
         }
 
+    def merged(self, others: Sequence[EvaluationReference]) -> EvaluationReference:
+        """This reference and ``others`` (e.g. every process's share) as one."""
+        out = EvaluationReference(self.num_requests, dict(self.locality_argmax), dict(self.locality_generations))
+        for other in others:
+            out.locality_argmax.update(other.locality_argmax)
+            out.locality_generations.update(other.locality_generations)
+        return out
+
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> EvaluationReference:
         return cls(
