@@ -436,3 +436,23 @@ def test_init_args_are_plain_json(tmp_path, tokenizer):
     assert meta["init_args"]["lr"] == 1e-2 and meta["init_args"]["target_modules"] == ["mlp.down_proj"]
     json.dumps(meta["init_args"])
 
+
+
+def test_saving_an_edit_that_changes_nothing_warns(tokenizer, tmp_path, caplog):
+    import logging
+
+    from helpers import make_tiny_llama
+
+    from lit_edit.editors import LocFTBF
+
+    editor = LocFTBF(model=make_tiny_llama(len(tokenizer)), tokenizer=tokenizer, target_modules=["mlp.down_proj"], layers_to_transform=[1])
+    editor.prepare_for_editing()  # tensors recorded, no step taken (as a fit of zero epochs)
+    with caplog.at_level(logging.WARNING, logger="lit_edit"):
+        editor.save_edit(tmp_path / "edit")
+    assert "changes nothing" in caplog.text
+    caplog.clear()
+    with torch.no_grad():
+        editor.model.model.layers[1].mlp.down_proj.weight.add_(1e-3)
+    with caplog.at_level(logging.WARNING, logger="lit_edit"):
+        editor.save_edit(tmp_path / "edit", overwrite=True)
+    assert "changes nothing" not in caplog.text

@@ -169,8 +169,15 @@ class Editor(L.LightningModule):
         ``directory`` must be new, empty, or (``overwrite=True``) hold a lit_edit edit; only
         ``edit.json`` and ``edit.safetensors`` are replaced there, other files are kept. A killed
         save leaves the previous edit or the new one, never neither (:mod:`lit_edit.edits`).
-        Non-finite values in a touched tensor are refused, naming the tensor.
+        Non-finite values in a touched tensor are refused, naming the tensor; an edit that changed
+        no tensor (e.g. a fit of zero epochs) is saved with a warning saying so.
         """
+        edited = self.edited_tensors()
+        if edited and all(torch.equal(edited[n].detach().cpu(), v.to(edited[n].dtype)) for n, v in self._originals.items()):
+            log.warning(
+                "saving an edit to %s that changes nothing: every touched tensor still equals the base model's "
+                "(did the fit take any step? check max_epochs / max_steps and min_loss)", directory,
+            )
         path = edits.write_edit(
             directory,
             self.edited_tensors(),
