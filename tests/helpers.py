@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,24 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 """Real benchmark records (CounterFact, zsRE, WikiBigEdit) laid beside the repository for tests and CI."""
 EMBEDDED_DIR = ROOT / "checkpoints" / "smollm2-135m"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+FIXTURE_FILES = {
+    "counterfact": FIXTURES / "counterfact_nested.json",
+    "counterfact_flat": FIXTURES / "counterfact_flat.json",
+    "zsre": FIXTURES / "zsre_mend.json",
+    "wikibigedit": FIXTURES / "wikibigedit.jsonl",
+    "lit_edit": FIXTURES / "lit_edit.jsonl",
+}
+"""One small file per record schema."""
+
+
+def raw_records(schema: str) -> list[dict]:
+    """The fixture of a schema as plain dicts (a fresh copy each call)."""
+    path = FIXTURE_FILES[schema]
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    return json.loads(text)
 
 
 def make_tiny_llama(vocab_size: int, seed: int = 0, layers: int = 2, **config):

@@ -6,30 +6,14 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import FIXTURE_FILES, raw_records
 
 from lit_edit.data.demo import demo_records, demo_requests
 from lit_edit.data.loaders import SCHEMAS, detect_schema, load_requests, save_requests
 from lit_edit.data.request import EditRequest, PromptAnswer, RecordError
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
-FIXTURE_FILES = {
-    "counterfact": FIXTURES / "counterfact_nested.json",
-    "counterfact_flat": FIXTURES / "counterfact_flat.json",
-    "zsre": FIXTURES / "zsre_mend.json",
-    "wikibigedit": FIXTURES / "wikibigedit.jsonl",
-    "lit_edit": FIXTURES / "lit_edit.jsonl",
-}
-
-
-def raw_records(schema: str) -> list[dict]:
-    """The fixture of a schema as plain dicts (a fresh copy each call)."""
-    path = FIXTURE_FILES[schema]
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".jsonl":
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
-    return json.loads(text)
 
 
 def expect_record_error(records, rid, field, schema=None, **kwargs) -> RecordError:

@@ -20,7 +20,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from helpers import make_tiny_llama
+from helpers import FIXTURE_FILES, make_tiny_llama, raw_records
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -28,14 +28,6 @@ from lit_edit.data import EditDataModule, EditRequest, PromptAnswer, RecordError
 from lit_edit.data.loaders import SCHEMAS
 from lit_edit.editors.closed_form import StatisticsOptions, TemplateOptions, ValueOptions
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
-FIXTURE_FILES = {
-    "counterfact": FIXTURES / "counterfact_nested.json",
-    "counterfact_flat": FIXTURES / "counterfact_flat.json",
-    "zsre": FIXTURES / "zsre_mend.json",
-    "wikibigedit": FIXTURES / "wikibigedit.jsonl",
-    "lit_edit": FIXTURES / "lit_edit.jsonl",
-}
 SETTINGS = {"deadline": None, "suppress_health_check": [HealthCheck.too_slow, HealthCheck.data_too_large], "derandomize": True, "database": None}
 
 #: Generated inputs per test (test name -> (inputs, refused with a clear error)).
@@ -62,12 +54,6 @@ def refused(test: str, error: BaseException, *names: str) -> None:
     REFUSED[test] += 1
 
 
-def raw_records(schema: str) -> list[dict]:
-    path = FIXTURE_FILES[schema]
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".jsonl":
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
-    return json.loads(text)
 
 
 # --------------------------------------------------------------------------- value strategies
