@@ -354,7 +354,13 @@ def load_causal_lm(
         kwargs: dict[str, Any] = {"dtype": torch_dtype if torch_dtype is not None else "auto"}
         if revision and not Path(str(path)).exists():
             kwargs["revision"] = revision
-        hf_model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        try:
+            hf_model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        except OSError as e:
+            raise OSError(
+                f"cannot load model {name!r}: it is not a local directory, not an embedded model "
+                f"({', '.join(EMBEDDED_MODELS)}), and the Hugging Face Hub could not provide it ({e})"
+            ) from e
         hf_model.config.name_or_path = name
         if tokenizer is None:
             tokenizer = path

@@ -521,3 +521,14 @@ def test_closed_form_option_groups_are_checked(cls_name, kwargs, error, match):
 
     with pytest.raises(error, match=match):
         getattr(closed_form, cls_name)(**kwargs)
+
+
+def test_tied_lm_head_is_refused_before_any_work(tokenizer):
+    from lit_edit.editors import LocFTBF
+
+    model = make_tiny_llama(len(tokenizer))  # tie_word_embeddings=True: lm_head.weight is the embedding
+    before = model.lm_head.weight.detach().clone()
+    editor = LocFTBF(model=model, tokenizer=tokenizer, target_modules=["lm_head"])
+    with pytest.raises(ValueError, match="lm_head.weight.*embed_tokens.weight.*tied"):
+        editor.prepare_for_editing()
+    assert torch.equal(model.lm_head.weight, before) and not editor.touched

@@ -124,3 +124,9 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
         atomic_write(target, broken)
     assert target.read_text() == "old"
     assert [p.name for p in target.parent.iterdir()] == ["table.csv"]  # no temporary left behind
+
+
+def test_unknown_model_offline_names_the_model(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(OSError, match="cannot load model 'nobody/no-such-model'.*not a local directory"):
+        load_causal_lm("nobody/no-such-model")

@@ -239,6 +239,7 @@ class FineTuneEditor(Editor):
         mask = self.parameter_mask()
         mask.element_masks = self._element_masks
         selected = resolve_mask(self.model, mask)
+        _refuse_tied(self.model, selected)
         self.model.requires_grad_(False)
         self.touch(selected)
         if self.hparams.get("lora_rank"):
@@ -575,3 +576,18 @@ class DepthFirstFT(FineTuneEditor):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
         self._done = {tuple(k) if isinstance(k, list) else k for k in checkpoint.get("lit_edit_done", [])}
+
+
+def _refuse_tied(model: nn.Module, selected: dict[str, nn.Parameter]) -> None:
+    """Refuse tuning a tensor shared under several names (e.g. an LM head tied to the input
+    embeddings): the edit would silently change the other module too."""
+    names: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    for name, param in selected.items():
+        others = [n for n in names.get(id(param), []) if n != name]
+        if others:
+            raise ValueError(
+                f"target_modules selects {name!r}, which is the same tensor as {', '.join(map(repr, others))} "
+                "(tied weights): tuning it would change both; choose another module"
+            )
