@@ -397,3 +397,49 @@ def test_callback_request_sources(tmp_path):
     with pytest.raises(ValueError, match="no requests"):
         EditEvaluation()._resolve_requests(None)
     assert EditEvaluation(protocols=["perplexity"])._resolve_requests(None) == []
+
+
+def test_unedited_evaluation_is_cached_by_weights_requests_and_settings(tok, tmp_path, monkeypatch, caplog):
+    import logging
+
+    import lightning as L
+
+    monkeypatch.setenv("LIT_EDIT_HOME", str(tmp_path / "home"))
+    calls = []
+    original = Evaluator.evaluate
+
+    def counting(self, *args, **kwargs):
+        calls.append(args[3] if len(args) > 3 else kwargs.get("reference"))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Evaluator, "evaluate", counting)
+
+    def fit(seed=2, protocols=("probability", "token_accuracy", "generation")):
+        module, datamodule = _make_module(tiny_llama(tok, seed=seed), tok)
+        cb = EditEvaluation(protocols=list(protocols), max_new_tokens=4, batch_size=4, print_table=False, summary_dir=str(tmp_path))
+        trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, callbacks=[cb])
+        trainer.fit(module, datamodule=datamodule)
+        return cb
+
+    first = fit()
+    assert len(calls) == 2  # before and after
+    calls.clear()
+    with caplog.at_level(logging.INFO, logger="lit_edit"):
+        second = fit()
+    assert len(calls) == 1 and calls[0] is not None  # only the edited model; the before figures came from the cache
+    assert "unedited figures and reference from the cache" in caplog.text
+    assert second.before == first.before and second.after == first.after
+    assert all(torch.equal(second.reference.locality_argmax[k], v) for k, v in first.reference.locality_argmax.items())
+    calls.clear()
+    fit(seed=3)  # other weights: evaluated again
+    assert len(calls) == 2
+    calls.clear()
+    fit(protocols=("probability", "token_accuracy"))  # other settings: evaluated again
+    assert len(calls) == 2
+    for path in (tmp_path / "home" / "unedited").glob("*.json"):  # a damaged file is ignored, with a log line
+        path.write_text("{not json")
+    calls.clear()
+    with caplog.at_level(logging.WARNING, logger="lit_edit"):
+        fit()
+    assert len(calls) == 2 and "is unusable" in caplog.text

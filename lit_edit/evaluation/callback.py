@@ -25,7 +25,7 @@ from lit_edit.data.corpus import corpus_version
 from lit_edit.data.request import EditRequest
 from lit_edit.distributed import gather_objects
 from lit_edit.evaluation import report
-from lit_edit.evaluation.evaluator import EvaluationReference, Evaluator, as_requests
+from lit_edit.evaluation.evaluator import EvaluationReference, Evaluator, UneditedCache, as_requests
 from lit_edit.evaluation.protocols import PER_BATCH, check_timing
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,8 @@ class EditEvaluation(L.Callback):
         timing: ``after-all`` (every request on the final model: retention) or ``immediate``
             (each batch's requests right after that batch's edit, before an editor with
             ``accumulate=False`` restores the weights: single / batched editing).
+        cache_unedited: keep the unedited model's figures on disk (``<cache root>/unedited``),
+            keyed by its weights, the requests and these settings, so a second run skips them.
     """
 
     def __init__(
@@ -68,13 +70,14 @@ class EditEvaluation(L.Callback):
         summary_dir: Optional[str] = None,
         print_table: bool = True,
         timing: str = "after-all",
+        cache_unedited: bool = True,
     ):
         if limit is not None and limit < 1:
             raise ValueError(f"limit must be positive, got {limit}")
         self.evaluator = Evaluator(protocols, batch_size, max_new_tokens, ppl_corpus, ppl_texts, ppl_max_length)
         self.timing = check_timing(timing)
         self.requests, self.limit = requests, limit
-        self.summary_dir, self.print_table = summary_dir, print_table
+        self.summary_dir, self.print_table, self.cache_unedited = summary_dir, print_table, cache_unedited
         self.reference: Optional[EvaluationReference] = None
         self.before: Optional[dict[str, float]] = None
         self.after: Optional[dict[str, float]] = None
@@ -119,7 +122,14 @@ class EditEvaluation(L.Callback):
             log.info("resuming: using the unedited-model evaluation stored in the checkpoint")
             return
         log.info("evaluating the unedited model on %d requests (%s)", len(self._requests), ", ".join(self.evaluator.protocols))
-        result = self.evaluator.evaluate(model, tokenizer, self._requests, rank=trainer.global_rank, world_size=trainer.world_size)
+        share = {"rank": trainer.global_rank, "world_size": trainer.world_size}
+        cache = UneditedCache() if self.cache_unedited else None
+        key = cache.key(self.evaluator, model, self._requests, **share) if cache is not None else None
+        result = cache.load(key) if cache is not None else None
+        if result is None:
+            result = self.evaluator.evaluate(model, tokenizer, self._requests, **share)
+            if cache is not None:
+                cache.save(key, result)
         self.before, self.reference, self._seconds["before"] = result.figures, result.reference, result.seconds
         if trainer.world_size > 1:  # every process keeps the whole reference (a checkpoint of any rank resumes all)
             self.reference = result.reference.merged(gather_objects(result.reference))

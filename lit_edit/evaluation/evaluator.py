@@ -19,6 +19,8 @@ Protocols and figures are described in :mod:`lit_edit.evaluation.protocols`.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import os
@@ -26,6 +28,7 @@ import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
@@ -39,7 +42,7 @@ from lit_edit.evaluation.scoring import greedy_generate, ngram_entropy, normaliz
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Evaluation", "EvaluationReference", "Evaluator", "as_requests", "evaluate"]
+__all__ = ["Evaluation", "EvaluationReference", "Evaluator", "UneditedCache", "as_requests", "evaluate"]
 
 
 @dataclass
@@ -327,6 +330,78 @@ class Evaluator:
         out = {f"gen_em/{k}": _quiet_compute(m) for k, m in ems.items()}
         out["gen_em/locality_agreement"] = _quiet_compute(agreement)
         return out
+
+
+class UneditedCache:
+    """The unedited model's evaluation kept on disk, so a second run on the same model, requests
+    and evaluation settings skips it.
+
+    Files live under ``<cache root>/unedited/<sha>.json``; the key holds the model's weights
+    fingerprint (:func:`~lit_edit.models.weights_fingerprint`), every request, the protocol
+    descriptions, the batch size and the process share. A file whose key differs, or that cannot
+    be read, or whose figures are not finite, is ignored (recomputed, with one log line).
+    """
+
+    def __init__(self, directory: Optional[Union[str, os.PathLike]] = None):
+        from lit_edit.io import cache_root
+
+        self.directory = Path(directory) if directory is not None else cache_root() / "unedited"
+
+    @staticmethod
+    def key(evaluator: Evaluator, model: nn.Module, requests: Sequence[EditRequest], rank: int, world_size: int) -> dict[str, Any]:
+        from lit_edit.models import weights_fingerprint
+
+        return json.loads(json.dumps({
+            "format": "lit_edit.unedited/1",
+            "weights": weights_fingerprint(model),
+            "requests": [r.to_dict() for r in requests],
+            "protocols": evaluator.descriptions(),
+            "ppl_corpus": str(evaluator.ppl_corpus) if isinstance(evaluator.ppl_corpus, (str, os.PathLike)) else list(evaluator.ppl_corpus),
+            "batch_size": evaluator.batch_size,
+            "share": [rank, world_size],
+        }, default=str))
+
+    def _path(self, key: dict[str, Any]) -> Path:
+        return self.directory / (hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24] + ".json")
+
+    def load(self, key: dict[str, Any]) -> Optional[Evaluation]:
+        path = self._path(key)
+        if not path.exists():
+            return None
+        try:
+            stored = json.loads(path.read_text(encoding="utf-8"))
+            if stored["key"] != key:
+                raise ValueError("its key differs")
+            figures = {str(k): float(v) for k, v in stored["figures"].items()}
+            if not all(math.isfinite(v) for v in figures.values()):
+                raise ValueError("it holds non-finite figures")
+            ref = stored["reference"]
+            reference = EvaluationReference(
+                num_requests=int(ref["num_requests"]),
+                locality_argmax={(p, a): torch.tensor(ids, dtype=torch.long) for p, a, ids in ref["locality_argmax"]},
+                locality_generations={str(k): str(v) for k, v in ref["locality_generations"].items()},
+            )
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            log.warning("unedited-evaluation cache %s is unusable (%s); evaluating again", path, e)
+            return None
+        log.info("unedited figures and reference from the cache %s (same weights, requests and settings)", path)
+        return Evaluation(figures=figures, reference=reference, seconds=0.0)
+
+    def save(self, key: dict[str, Any], result: Evaluation) -> Path:
+        from lit_edit.io import atomic_write
+
+        ref = result.reference
+        record = {
+            "key": key,
+            "figures": result.figures,
+            "reference": {
+                "num_requests": ref.num_requests,
+                "locality_argmax": [[p, a, ids.tolist()] for (p, a), ids in ref.locality_argmax.items()],
+                "locality_generations": ref.locality_generations,
+            },
+        }
+        text = json.dumps(record, ensure_ascii=False)
+        return atomic_write(self._path(key), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def evaluate(
