@@ -124,12 +124,7 @@ class EditEvaluation(L.Callback):
         log.info("evaluating the unedited model on %d requests (%s)", len(self._requests), ", ".join(self.evaluator.protocols))
         share = {"rank": trainer.global_rank, "world_size": trainer.world_size}
         cache = UneditedCache() if self.cache_unedited else None
-        key = cache.key(self.evaluator, model, self._requests, **share) if cache is not None else None
-        result = cache.load(key) if cache is not None else None
-        if result is None:
-            result = self.evaluator.evaluate(model, tokenizer, self._requests, **share)
-            if cache is not None:
-                cache.save(key, result)
+        result = UneditedCache.evaluate(cache, self.evaluator, model, tokenizer, self._requests, **share)
         self.before, self.reference, self._seconds["before"] = result.figures, result.reference, result.seconds
         if trainer.world_size > 1:  # every process keeps the whole reference (a checkpoint of any rank resumes all)
             self.reference = result.reference.merged(gather_objects(result.reference))

@@ -361,6 +361,26 @@ class UneditedCache:
             "share": [rank, world_size],
         }, default=str))
 
+    @staticmethod
+    def evaluate(
+        cache: Optional[UneditedCache],
+        evaluator: Evaluator,
+        model: nn.Module,
+        tokenizer: Any,
+        requests: Sequence[EditRequest],
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> Evaluation:
+        """``evaluator.evaluate(model, tokenizer, requests)`` (the unedited model, its own reference),
+        read from ``cache`` when it holds this evaluation and written to it otherwise (``None``: no cache)."""
+        key = cache.key(evaluator, model, requests, rank, world_size) if cache is not None else None
+        result = cache.load(key) if cache is not None else None
+        if result is None:
+            result = evaluator.evaluate(model, tokenizer, requests, rank=rank, world_size=world_size)
+            if cache is not None:
+                cache.save(key, result)
+        return result
+
     def _path(self, key: dict[str, Any]) -> Path:
         return self.directory / (hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24] + ".json")
 
