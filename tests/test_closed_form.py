@@ -306,3 +306,134 @@ def test_context_templates_cached_on_disk(tokenizer, cache):
     assert ContextTemplates().get(model, tokenizer, spec, seed=3) == a  # from disk
     ContextTemplates().get(model, tokenizer, spec, seed=4)
     assert len(list((Path(cache) / "templates").glob("*.json"))) == 2
+
+
+# --------------------------------------------------------------------------- stop-aware target (issue 15)
+
+STOP_TEMPLATES = ["{}", "Hello there. {}"]
+#: ``optimize_values`` on ``make_tiny_llama`` for REQUESTS[0] and REQUESTS[3] (layer 1, mlp_out,
+#: STOP_TEMPLATES, steps=3, loss_tol=0), computed with the code before ``values.stop`` existed.
+BEFORE_STOP = {
+    "nll": [10.8346529006958, 11.032617568969727],
+    "loss": [146.14605712890625, 92.08576202392578],
+    "delta_norm": [0.05912290345512639, 0.09870083967018238],
+    "delta_sum": [0.11845636507496238, -0.09867906756699085],
+}
+
+
+def test_stop_eos_rows_cover_eos_after_target(tokenizer):
+    from lit_edit.closed_form import encode_in_template
+    from lit_edit.closed_form.values import _Rows
+    from lit_edit.data.tokenize import encode_target
+
+    reqs = [REQUESTS[0], REQUESTS[3]]
+    off = _Rows(tokenizer, reqs, STOP_TEMPLATES, "{} is a")
+    on = _Rows(tokenizer, reqs, STOP_TEMPLATES, "{} is a", stop="eos")
+    eos = tokenizer.eos_token_id
+    assert on.n_rewrite == off.n_rewrite == 4
+    for row in range(on.n_rewrite):
+        r = reqs[row // len(STOP_TEMPLATES)]
+        target = encode_target(tokenizer, r.target_new)
+        plen = encode_in_template(tokenizer, r, STOP_TEMPLATES[row % len(STOP_TEMPLATES)]).prompt_length
+        sel = on.tgt_row == row
+        # labels: every target token, then EOS; positions: the logits that predict them (teacher forcing)
+        assert on.tgt_tok[sel].tolist() == target + [eos]
+        assert on.tgt_col[sel].tolist() == list(range(plen - 1, plen + len(target)))
+        assert int(on.tgt_count[row]) == len(target) + 1
+        # the row holds the whole target (its last token now predicts EOS) and nothing after it
+        assert on.ids[row, plen : plen + len(target)].tolist() == target
+        assert int(on.mask[row].sum()) == plen + len(target)
+        assert off.tgt_tok[off.tgt_row == row].tolist() == target
+    # the KL rows are untouched by the option
+    assert torch.equal(on.fact[on.n_rewrite:], off.fact[off.n_rewrite:])
+
+
+def test_stop_string_tokenized_as_continuation(tokenizer):
+    from lit_edit.closed_form import encode_in_template, stop_token_ids
+    from lit_edit.data.tokenize import encode_target
+
+    r = REQUESTS[3]
+    target = encode_target(tokenizer, r.target_new)
+    for stop in (".", "\n"):
+        ids = stop_token_ids(tokenizer, r.target_new, stop)
+        assert ids and tokenizer.decode(target + ids) == " Microsoft Windows" + stop
+        e = encode_in_template(tokenizer, r, with_target=True, stop=stop)
+        assert e.target_ids == target + ids
+        assert e.ids[e.prompt_length :] == (target + ids)[:-1]
+    assert stop_token_ids(tokenizer, r.target_new, "eos") == [tokenizer.eos_token_id]
+    with pytest.raises(ValueError, match="stop"):
+        stop_token_ids(tokenizer, r.target_new, "")
+
+
+@pytest.mark.parametrize("partial", [True, False])
+def test_stop_eos_step0_nll_is_hand_computed_target_plus_eos_nll(tokenizer, partial):
+    from helpers import make_tiny_llama
+
+    from lit_edit.closed_form import ValueSettings, optimize_values
+    from lit_edit.data.tokenize import encode_prompt, encode_target
+
+    model = make_tiny_llama(len(tokenizer))
+    reqs = [REQUESTS[0], REQUESTS[3]]
+    # steps=1: the loss is evaluated once at δ = 0 and no step is taken
+    got = optimize_values(model, tokenizer, reqs, 1, "mlp_out", STOP_TEMPLATES, ValueSettings(steps=1, stop="eos"),
+                          partial=partial)
+    assert (got.steps == 0).all() and (got.delta == 0).all()
+    expected = []
+    with torch.no_grad():
+        for r in reqs:
+            per_template = []
+            for t in STOP_TEMPLATES:
+                prompt = encode_prompt(tokenizer, t.replace("{}", r.prompt))
+                labels = encode_target(tokenizer, r.target_new) + [tokenizer.eos_token_id]
+                ids = torch.tensor([prompt + labels])
+                logp = model(input_ids=ids).logits[0].double().log_softmax(-1)
+                nll = [-logp[len(prompt) - 1 + j, tok] for j, tok in enumerate(labels)]
+                per_template.append(torch.stack(nll).mean())
+            expected.append(torch.stack(per_template).mean())
+    assert torch.allclose(got.nll.double(), torch.stack(expected), atol=1e-4, rtol=1e-5)
+    off = optimize_values(model, tokenizer, reqs, 1, "mlp_out", STOP_TEMPLATES, ValueSettings(steps=1), partial=partial)
+    assert not torch.allclose(off.nll, got.nll)  # the EOS term changes the loss
+
+
+def test_stop_off_is_bit_identical_to_default_and_to_before(tokenizer):
+    from helpers import make_tiny_llama
+
+    from lit_edit.closed_form import ValueSettings, optimize_values
+    from lit_edit.closed_form.values import _Rows
+
+    reqs = [REQUESTS[0], REQUESTS[3]]
+    plain = _Rows(tokenizer, reqs, STOP_TEMPLATES, "{} is a")
+    off = _Rows(tokenizer, reqs, STOP_TEMPLATES, "{} is a", stop=None)
+    for f in ("ids", "mask", "fact", "owner", "tgt_row", "tgt_col", "tgt_tok", "tgt_count"):
+        assert torch.equal(getattr(plain, f), getattr(off, f)), f
+    assert ValueSettings().stop is None
+    model = make_tiny_llama(len(tokenizer))
+    default = optimize_values(model, tokenizer, reqs, 1, "mlp_out", STOP_TEMPLATES, ValueSettings(steps=3, loss_tol=0.0))
+    explicit = optimize_values(model, tokenizer, reqs, 1, "mlp_out", STOP_TEMPLATES,
+                               ValueSettings(steps=3, loss_tol=0.0, stop=None))
+    for f in ("target", "initial", "delta", "loss", "nll", "steps"):
+        assert torch.equal(getattr(default, f), getattr(explicit, f)), f
+    # the stored expectation from the code before the option (tolerance only for other BLAS builds)
+    close = dict(rtol=1e-5, atol=1e-7)
+    assert torch.allclose(default.nll.double(), torch.tensor(BEFORE_STOP["nll"], dtype=torch.float64), **close)
+    assert torch.allclose(default.loss.double(), torch.tensor(BEFORE_STOP["loss"], dtype=torch.float64), **close)
+    d = default.delta.double()
+    assert torch.allclose(d.norm(dim=1), torch.tensor(BEFORE_STOP["delta_norm"], dtype=torch.float64), **close)
+    assert torch.allclose(d.sum(dim=1), torch.tensor(BEFORE_STOP["delta_sum"], dtype=torch.float64), rtol=1e-4, atol=1e-6)
+    assert default.steps.tolist() == [2, 2]
+
+
+def test_value_options_stop_validated_recorded_and_threaded(tokenizer, tmp_path):
+    from lit_edit.editors import MEMIT, ROME
+    from lit_edit.editors.closed_form import ValueOptions
+
+    with pytest.raises(ValueError, match="values.stop"):
+        ValueOptions(stop="")
+    with pytest.raises(TypeError, match="values.stop"):
+        ValueOptions(stop=3)
+    assert ValueOptions().stop is None
+    for cls in (ROME, MEMIT):
+        ed = _editor(cls, tokenizer, tmp_path, values={"stop": "eos"})
+        assert ed.hparams["values"]["stop"] == "eos"
+        assert ed.value_settings().stop == "eos"
+        assert _editor(cls, tokenizer, tmp_path).value_settings().stop is None

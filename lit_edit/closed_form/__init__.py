@@ -10,6 +10,7 @@ from lit_edit.closed_form.tokens import (
     TemplateSpec,
     encode_in_template,
     fact_token_index,
+    stop_token_ids,
     subject_span,
 )
 from lit_edit.closed_form.values import ValueResult, ValueSettings, optimize_values
@@ -25,6 +26,7 @@ __all__ = [
     "block_outputs_at",
     "emmet_solve",
     "encode_in_template",
+    "stop_token_ids",
     "fact_token_index",
     "keys_at",
     "memit_solve",

@@ -25,7 +25,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from lit_edit.data.request import EditRequest, RecordError
+from lit_edit.data.request import EditRequest, RecordError, with_space
 from lit_edit.data.tokenize import encode_target
 from lit_edit.io import atomic_write, cache_root
 from lit_edit.models import model_identity, weights_fingerprint
@@ -39,6 +39,7 @@ __all__ = [
     "ContextTemplates",
     "EncodedPrompt",
     "encode_in_template",
+    "stop_token_ids",
     "fact_token_index",
     "sample_templates",
     "subject_span",
@@ -77,6 +78,30 @@ def fact_token_index(tokenizer: Any, text: str, char_end: int, ids: Optional[lis
     return len(prefix) - 1
 
 
+def stop_token_ids(tokenizer: Any, target: str, stop: str) -> list[int]:
+    """Token ids of ``stop`` as they follow ``target`` (the stop-aware v*/z target).
+
+    ``"eos"`` is the tokenizer's EOS token. Any other string is tokenized after the target as
+    the model would continue: ``" " + target + stop`` is tokenized and the ids after the
+    target's own ids are taken; if the tokenizer merges across the boundary (the joint ids do
+    not start with the target's ids) ``stop`` is tokenized on its own.
+    """
+    if not isinstance(stop, str) or not stop:
+        raise ValueError(f"stop must be 'eos' or a non-empty string, got {stop!r}")
+    if stop == "eos":
+        if tokenizer.eos_token_id is None:
+            raise ValueError("stop='eos' but the tokenizer has no EOS token")
+        return [int(tokenizer.eos_token_id)]
+    target_ids = encode_target(tokenizer, target)
+    joint = tokenizer(with_space(target) + stop, add_special_tokens=False)["input_ids"]
+    if joint[: len(target_ids)] == target_ids and len(joint) > len(target_ids):
+        return list(joint[len(target_ids):])
+    alone = tokenizer(stop, add_special_tokens=False)["input_ids"]
+    if not alone:
+        raise ValueError(f"stop {stop!r} tokenizes to nothing")
+    return list(alone)
+
+
 @dataclass
 class EncodedPrompt:
     """Token ids of one (template, prompt[, target]) row and where its fact token and target sit."""
@@ -93,11 +118,14 @@ def encode_in_template(
     template: str = "{}",
     prompt: Optional[str] = None,
     with_target: bool = False,
+    stop: Optional[str] = None,
 ) -> EncodedPrompt:
     """Tokenize ``template`` with the prompt in place of ``{}``; optionally append the target.
 
     With ``with_target`` the row is ``prompt ids + target ids[:-1]`` (teacher forcing: the
-    logits at ``prompt_length - 1 + j`` predict target token ``j``).
+    logits at ``prompt_length - 1 + j`` predict target token ``j``). With ``stop`` (see
+    :func:`stop_token_ids`) the stop tokens are part of the target: ``target_ids`` is the
+    target's ids followed by them, and the row holds all of it but the last token.
     """
     prompt = request.prompt if prompt is None else prompt
     if "{}" not in template:
@@ -111,6 +139,8 @@ def encode_in_template(
     plen = len(ids)
     if with_target:
         target = encode_target(tokenizer, request.target_new)
+        if stop is not None:
+            target = target + stop_token_ids(tokenizer, request.target_new, stop)
         ids = ids + target[:-1]
     return EncodedPrompt(ids=ids, fact_index=fact, prompt_length=plen, target_ids=target)
 

@@ -5,7 +5,7 @@ template + prompt + target tokens but the last) at a *site*: the output of a lay
 output projection (ROME) or the output of a whole block (MEMIT/EMMET). Adam minimises, per
 request,
 
-    mean_p NLL(target | prompt_p; h + δ) + kl_factor · KL(P(·|"{subject} is a"; h+δ) ‖ P(·|…; h))
+    mean_p NLL(target [+ stop] | prompt_p; h + δ) + kl_factor · KL(P(·|"{subject} is a"; h+δ) ‖ P(·|…; h))
     + v_weight_decay · ‖δ‖ / ‖h₀‖²
 
 and after every step ‖δ‖ is clamped to ``clamp_norm_factor · ‖h₀‖``. A request stops when its
@@ -53,6 +53,10 @@ class ValueSettings:
     clamp_norm_factor: float = 4.0
     loss_tol: float = 5e-2
     kl_prompt: str = "{} is a"
+    stop: Optional[str] = None
+    """Stop-aware target: ``None`` (target tokens only), ``"eos"`` (target + EOS) or a stop
+    string tokenized after the target (e.g. ``"."``); the NLL then covers the stop token(s) too,
+    in every context-template row."""
 
 
 @dataclass
@@ -85,14 +89,21 @@ def _select(obj: Any, idx: torch.Tensor, n: int) -> Any:
 class _Rows:
     """All rows of a value optimisation: rewriting rows per request, then one KL row per request."""
 
-    def __init__(self, tokenizer: Any, requests: Sequence[EditRequest], templates: Sequence[str], kl_prompt: str):
+    def __init__(
+        self,
+        tokenizer: Any,
+        requests: Sequence[EditRequest],
+        templates: Sequence[str],
+        kl_prompt: str,
+        stop: Optional[str] = None,
+    ):
         if templates[0] != "{}":
             raise ValueError("the first context template must be the bare prompt '{}'")
         ids, fact, owner, tgt_pos, tgt_tok, tgt_owner_row = [], [], [], [], [], []
         self.n_templates = len(templates)
         for b, r in enumerate(requests):
             for t in templates:
-                e = encode_in_template(tokenizer, r, t, with_target=True)
+                e = encode_in_template(tokenizer, r, t, with_target=True, stop=stop)
                 row = len(ids)
                 ids.append(e.ids)
                 fact.append(e.fact_index)
@@ -246,7 +257,7 @@ def optimize_values(
         raise ValueError(f"site must be 'mlp_out' or 'block', got {site!r}")
     arch = arch or arch_for(model)
     device = next(model.parameters()).device
-    data = _Rows(tokenizer, requests, list(templates), settings.kl_prompt)
+    data = _Rows(tokenizer, requests, list(templates), settings.kl_prompt, settings.stop)
     ids, mask, fact = data.ids.to(device), data.mask.to(device), data.fact.to(device)
     owner = data.owner.to(device)
     runner = _Runner(model, arch, layer, site, partial)

@@ -69,6 +69,10 @@ class ValueOptions:
         clamp_norm_factor: ‖δ‖ ≤ clamp_norm_factor · ‖h₀‖ after every step (``None`` = config hub).
         batch_size: requests optimised together in one forward (MEMIT, EMMET).
         partial_forward: run only the blocks from the edit layer up while optimising.
+        stop: stop-aware target (docs/methods.md §2): ``None`` optimises the target tokens only;
+            ``"eos"`` optimises target + the tokenizer's EOS token; any other string (e.g.
+            ``"."`` or ``"\\n"``) is tokenized after the target as the model would continue and
+            optimised with it. The NLL covers the stop token(s) in every context-template row.
     """
 
     lr: Optional[float] = None
@@ -79,6 +83,7 @@ class ValueOptions:
     clamp_norm_factor: Optional[float] = None
     batch_size: int = 16
     partial_forward: bool = True
+    stop: Optional[str] = None
 
     def __post_init__(self) -> None:
         # TypeError for a value of the wrong kind, ValueError out of range (NaN and ±inf included), naming the option
@@ -90,6 +95,9 @@ class ValueOptions:
         check_real("values.clamp_norm_factor", self.clamp_norm_factor, minimum=0, exclusive=True, allow_none=True)
         check_int("values.batch_size", self.batch_size, minimum=1)
         check_bool("values.partial_forward", self.partial_forward)
+        if self.stop is not None and (not isinstance(self.stop, str) or not self.stop):
+            bad = TypeError if not isinstance(self.stop, str) else ValueError
+            raise bad(f"values.stop must be null, 'eos' or a non-empty stop string, got {self.stop!r}")
 
 
 @dataclass(frozen=True)
@@ -320,6 +328,7 @@ class ClosedFormEditor(Editor):
             weight_decay=float(v.weight_decay),
             clamp_norm_factor=float(v.clamp_norm_factor),
             loss_tol=float(v.loss_tol),
+            stop=v.stop,
         )
 
     def update_weight(self) -> float:
