@@ -42,7 +42,7 @@ def main(spec_path: str) -> None:
     data = EditDataModule(requests=load_requests(spec["requests"]), **spec.get("data_args", {}))
     callbacks = []
     if spec.get("evaluate"):
-        evaluation = EditEvaluation(protocols=spec["evaluate"], print_table=False, summary_dir=str(out))
+        evaluation = EditEvaluation(protocols=spec["evaluate"], print_table=False)  # summary.json in the trainer's log dir
         callbacks.append(evaluation)
     trainer = L.Trainer(
         **{
@@ -51,6 +51,7 @@ def main(spec_path: str) -> None:
             "devices": spec.get("devices", 1),
             "strategy": spec.get("strategy", "auto"),
             "logger": False,
+            "default_root_dir": str(out),
             "enable_progress_bar": False,
             "enable_model_summary": False,
             "callbacks": callbacks,

@@ -139,6 +139,8 @@ def test_evaluation_under_ddp_reduces_every_rank_share(setup_dir, tmp_path):
     single = run_worker(setup_dir, tmp_path / "single", "MEMIT", 1, tmp_path / "home", **common)
     ddp = run_worker(setup_dir, tmp_path / "ddp", "MEMIT", 2, tmp_path / "home", **common)
     assert ddp[0]["before"] == ddp[1]["before"] and ddp[0]["after"] == ddp[1]["after"]
+    summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())  # written once, by rank 0
+    assert summary["after"] == ddp[0]["after"] and summary["num_requests"] == 4
     for when in ("before", "after"):
         assert ddp[0][when].keys() == single[0][when].keys()
         for name, value in single[0][when].items():

@@ -165,8 +165,9 @@ class EditEvaluation(L.Callback):
         for logger in trainer.loggers:
             logger.log_metrics(report.flat_metrics(self.before, self.after), step=trainer.global_step)
             logger.save()
+        directory = self.summary_dir or trainer.log_dir or os.getcwd()  # log_dir is a collective under DDP
         if trainer.is_global_zero:
-            self.summary_path = self.write_summary(self.summary_dir or trainer.log_dir or os.getcwd(), model=pl_module)
+            self.summary_path = self.write_summary(directory, model=pl_module)
             if self.print_table:
                 print(self.table())
 
