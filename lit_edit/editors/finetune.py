@@ -496,7 +496,7 @@ class LocFTBF(FineTuneEditor):
     @override
     def on_train_epoch_end(self) -> None:
         mean = self._epoch_loss / max(self._epoch_count, 1)
-        self.log("train/epoch_loss", mean, prog_bar=True, on_epoch=True)
+        self.log("train/epoch_loss", mean, prog_bar=True, on_epoch=True, sync_dist=True)  # equal on every process already
         log.info("epoch %d: mean loss %.4f over %d requests", self.current_epoch, mean, self._epoch_count)
         if mean < self.hparams["min_loss"]:
             log.info("epoch %d mean loss %.4g < %.2g: stopping early", self.current_epoch, mean, self.hparams["min_loss"])
