@@ -18,7 +18,7 @@ $(VENV)/.setup-stamp: pyproject.toml
 setup: $(VENV)/.setup-stamp
 
 run: setup
-	$(PY) recipes/locft_bf.py --overwrite $(ARGS)
+	$(PY) recipes/locft_bf.py --overwrite true $(ARGS)
 
 test: setup
 	$(PY) -m ruff check .

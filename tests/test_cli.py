@@ -413,3 +413,14 @@ def test_killed_recipe_run_resumes_from_ckpt_path(tmp_path, tiny_dir):
     assert after_resume.keys() == uninterrupted.keys()
     for name, value in uninterrupted.items():
         torch.testing.assert_close(after_resume[name], value, rtol=0, atol=0)
+
+
+def test_make_run_command_parses(capsys):
+    """The README's main command (``make run``) passes options the recipe accepts."""
+    line = next(x for x in (ROOT / "Makefile").read_text().splitlines() if "recipes/locft_bf.py" in x)
+    args = line.split("recipes/locft_bf.py", 1)[1].replace("$(ARGS)", "").split()
+    recipe = load_recipe("locft_bf")
+    with pytest.raises(SystemExit) as e:
+        recipe.main(args + ["--print_config"])
+    assert e.value.code in (0, None)
+    assert "overwrite: true" in capsys.readouterr().out
