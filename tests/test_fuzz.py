@@ -342,6 +342,7 @@ def test_edit_data_module_constructor(kwargs, with_requests):
 VALUE_OPTIONS = {
     "lr": numbers, "steps": ints, "loss_tol": numbers, "kl_factor": numbers, "weight_decay": numbers,
     "clamp_norm_factor": numbers, "batch_size": ints, "partial_forward": st.booleans(),
+    "stop": st.one_of(st.none(), st.just("eos"), texts, st.integers()),
 }
 STATISTICS_OPTIONS = {
     "adjustment": st.booleans(), "update_weight": numbers, "n_samples": ints, "max_length": ints,
