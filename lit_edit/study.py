@@ -27,8 +27,6 @@ written to ``config.yaml`` beside the table, so any table can be re-run
 from __future__ import annotations
 
 import csv
-import hashlib
-import json
 import logging
 import math
 import time
@@ -42,10 +40,10 @@ from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 from lit_edit.data.datamodule import EditDataModule
 from lit_edit.data.request import EditRequest
 from lit_edit.editors.base import Editor
-from lit_edit.evaluation import Evaluation, Evaluator
+from lit_edit.evaluation import Evaluation, Evaluator, UneditedCache
 from lit_edit.evaluation.metrics import harmonic_mean
 from lit_edit.io import atomic_write
-from lit_edit.models import arch_for, load_causal_lm, model_identity, weights_fingerprint
+from lit_edit.models import arch_for, load_causal_lm, model_identity
 
 log = logging.getLogger(__name__)
 
@@ -187,37 +185,14 @@ class Study:
     def trainer_kwargs(self, **overrides: Any) -> dict[str, Any]:
         return {**vars(self.cfg.trainer), **overrides}
 
-    def unedited(self, requests: list[EditRequest], need_reference: bool = True) -> Evaluation:
-        """The unedited model's evaluation on ``requests``.
+    def unedited(self, requests: list[EditRequest]) -> Evaluation:
+        """The unedited model's evaluation on ``requests`` (figures and reference).
 
-        The figures are kept in ``unedited.json`` beside the table, fingerprinted by model (its
-        name and a hash of its weights, :func:`~lit_edit.models.weights_fingerprint`), requests and
-        evaluation settings. When ``need_reference`` is false (every run of the
-        table is finished and only the table is redrawn) stored figures are used as they are,
-        so nothing is evaluated.
+        Kept in ``unedited/`` beside the table by :class:`~lit_edit.evaluation.UneditedCache`
+        (keyed by the model's weights, the requests and the evaluation settings), so rerunning a
+        study, to resume or only to redraw its table, evaluates the unedited model once.
         """
-        path = self.out / "unedited.json"
-        settings = {
-            "model": self.model_name,
-            "weights": weights_fingerprint(self.model),
-            "requests": [[r.case_id, r.prompt, r.target_new] for r in requests],
-            "protocols": self.evaluator.descriptions(),
-        }
-        fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
-        try:
-            stored = json.loads(path.read_text())
-        except (OSError, ValueError):
-            stored = {}
-        entries = stored.get("entries", {}) if isinstance(stored, dict) else {}
-        if not need_reference and fingerprint in entries:
-            log.info("unedited figures from %s", path)
-            return Evaluation(figures={k: float(v) for k, v in entries[fingerprint].items()}, reference=None, seconds=0.0)
-        log.info("evaluating the unedited model on %d requests", len(requests))
-        result = self.evaluator.evaluate(self.model, self.tokenizer, requests)
-        entries[fingerprint] = result.figures
-        text = json.dumps({"entries": entries}, indent=1)
-        atomic_write(path, lambda tmp: Path(tmp).write_text(text))
-        return result
+        return UneditedCache.evaluate(UneditedCache(self.out / "unedited"), self.evaluator, self.model, self.tokenizer, requests)
 
     def fit_and_score(
         self,

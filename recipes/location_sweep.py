@@ -15,8 +15,8 @@ locations whose perplexity rose by at most ``--ppl_tolerance``. The locality in 
 (``token_accuracy``, the default when that protocol runs) or 32-token greedy-continuation
 agreement (``generation``), which small models rarely keep exactly after any edit and so ranks
 poorly. Finished locations are appended to the CSV as they end; rerunning the same command
-resumes the sweep. The unedited model's figures are kept in ``unedited.json`` beside the table
-(with a fingerprint of the model, requests and evaluation settings), so rerunning a finished
+resumes the sweep. The unedited model's figures and reference are kept in ``unedited/`` beside
+the table (keyed by the model's weights, the requests and the evaluation settings), so rerunning a finished
 sweep to redraw it, or to rank it under another ``--ppl_tolerance``, evaluates nothing.
 """
 
@@ -78,7 +78,7 @@ def main(args: Optional[list[str]] = None) -> list[dict]:
     requests = study.datamodule.load()
     todo = [(m, layer) for m in cfg.modules for layer in layers if not table.done(module=m, layer=layer)]
     log.info("%d location(s) to run, %d already done", len(todo), len(table.rows))
-    before = study.unedited(requests, need_reference=bool(todo))  # a pure redraw needs only the figures
+    before = study.unedited(requests)  # cached: a pure redraw evaluates nothing
     locality_figure = SCORE_LOCALITY[cfg.score_locality]
     ref = reference_row(before.figures)
     locality_key = study_column(before.figures, locality_figure)  # its column in the table

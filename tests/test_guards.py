@@ -371,29 +371,32 @@ def test_damaged_template_cache_is_resampled(tokenizer, cache, caplog):
     assert templates.get(model, tokenizer, spec) is first
 
 
-def test_study_unedited_figures_keyed_by_weights(tokenizer, tmp_path):
-    from lit_edit.evaluation import Evaluation
+def test_study_unedited_figures_keyed_by_weights(tokenizer, tmp_path, monkeypatch):
+    from lit_edit.evaluation import Evaluator
     from lit_edit.study import Study
 
     calls = []
+    original = Evaluator.evaluate
 
-    class Evaluator:
-        def descriptions(self):
-            return {"p": "probability"}
+    def counting(self, model, *args, **kwargs):
+        calls.append(model)
+        return original(self, model, *args, **kwargs)
 
-        def evaluate(self, model, tokenizer, requests):
-            calls.append(model)
-            return Evaluation(figures={"p": float(len(calls))}, reference=None, seconds=0.0)
+    monkeypatch.setattr(Evaluator, "evaluate", counting)
 
     def study(model):
         s = Study.__new__(Study)
-        s.model, s.tokenizer, s.model_name, s.out, s.evaluator = model, tokenizer, "same-name", tmp_path, Evaluator()
+        s.model, s.tokenizer, s.out, s.evaluator = model, tokenizer, tmp_path, Evaluator(protocols=["token_accuracy"])
         return s
 
     first = make_tiny_llama(len(tokenizer), seed=0)
-    study(first).unedited(REQUESTS)
-    assert study(first).unedited(REQUESTS, need_reference=False).figures == {"p": 1.0}
-    assert study(make_tiny_llama(len(tokenizer), seed=1)).unedited(REQUESTS, need_reference=False).figures == {"p": 2.0}
+    before = study(first).unedited(REQUESTS)
+    again = study(first).unedited(REQUESTS)  # same name and weights: read back, figures and reference
+    assert len(calls) == 1 and again.figures == before.figures and again.reference.num_requests == len(REQUESTS)
+    other = make_tiny_llama(len(tokenizer), seed=1)  # same name, other weights: evaluated again
+    other.config.name_or_path = first.config.name_or_path
+    study(other).unedited(REQUESTS)
+    assert len(calls) == 2
 
 
 # --------------------------------------------------------------------------- true-precision plugins

@@ -10,7 +10,7 @@
 """
 
 from lit_edit.evaluation.callback import EditEvaluation
-from lit_edit.evaluation.evaluator import Evaluation, EvaluationReference, Evaluator, evaluate
+from lit_edit.evaluation.evaluator import Evaluation, EvaluationReference, Evaluator, UneditedCache, evaluate
 from lit_edit.evaluation.metrics import ExactMatch, Perplexity, ProbabilityComparison, TokenAccuracy
 from lit_edit.evaluation.protocols import FIGURES, PROTOCOLS, TIMING
 from lit_edit.evaluation.scoring import (
@@ -41,6 +41,7 @@ __all__ = [
     "ProbabilityComparison",
     "StopOnStrings",
     "TokenAccuracy",
+    "UneditedCache",
     "continuation_nll",
     "evaluate",
     "greedy_generate",
