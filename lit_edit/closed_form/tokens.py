@@ -3,7 +3,9 @@
 Locate-and-edit methods read keys and write values at the *fact token*: the last token of the
 subject inside the prompt. :func:`fact_token_index` finds it from the tokenizer's character
 offsets (or, for tokenizers without offsets, by tokenizing the text up to the subject's end),
-so it is exact whatever the tokenizer merges.
+so it is exact whatever the tokenizer merges. Under a chat template
+(:mod:`lit_edit.data.chat`) the context template and prompt form the user message, and the
+subject's character offsets are shifted by the text the template writes before it.
 
 Context templates are short texts sampled from the model itself and put in front of the prompt
 (``"<text>. {}"``); keys are averaged over them. :class:`ContextTemplates` samples them once per
@@ -25,7 +27,8 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from lit_edit.data.request import EditRequest, RecordError, with_space
+from lit_edit.data.chat import PromptFormat, prompt_format
+from lit_edit.data.request import EditRequest, RecordError
 from lit_edit.data.tokenize import encode_target
 from lit_edit.io import atomic_write, cache_root
 from lit_edit.models import model_identity, weights_fingerprint
@@ -61,8 +64,11 @@ def subject_span(request: EditRequest, prompt: Optional[str] = None) -> tuple[in
     return start, start + len(subject)
 
 
-def fact_token_index(tokenizer: Any, text: str, char_end: int, ids: Optional[list[int]] = None) -> int:
-    """Index of the token holding character ``char_end - 1`` of ``text`` (tokenized with special tokens).
+def fact_token_index(
+    tokenizer: Any, text: str, char_end: int, ids: Optional[list[int]] = None, add_special_tokens: bool = True
+) -> int:
+    """Index of the token holding character ``char_end - 1`` of ``text``, tokenized with the
+    tokenizer's special tokens (``add_special_tokens=False``: as a chat template writes them).
 
     Uses offset mappings when the tokenizer provides them; otherwise tokenizes ``text[:char_end]``
     and takes its last token (the prefix rule of the reference implementations).
@@ -70,21 +76,22 @@ def fact_token_index(tokenizer: Any, text: str, char_end: int, ids: Optional[lis
     if char_end <= 0 or char_end > len(text):
         raise ValueError(f"character end {char_end} outside text of length {len(text)}")
     if getattr(tokenizer, "is_fast", False):
-        enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
+        enc = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
         for i, (s, e) in enumerate(enc["offset_mapping"]):
             if e > s and s <= char_end - 1 < e:
                 return i
-    prefix = tokenizer(text[:char_end], add_special_tokens=True)["input_ids"]
+    prefix = tokenizer(text[:char_end], add_special_tokens=add_special_tokens)["input_ids"]
     return len(prefix) - 1
 
 
-def stop_token_ids(tokenizer: Any, target: str, stop: str) -> list[int]:
+def stop_token_ids(tokenizer: Any, target: str, stop: str, fmt: Optional[PromptFormat] = None) -> list[int]:
     """Token ids of ``stop`` as they follow ``target`` (the stop-aware v*/z target).
 
     ``"eos"`` is the tokenizer's EOS token. Any other string is tokenized after the target as
-    the model would continue: ``" " + target + stop`` is tokenized and the ids after the
-    target's own ids are taken; if the tokenizer merges across the boundary (the joint ids do
-    not start with the target's ids) ``stop`` is tokenized on its own.
+    the model would continue: ``" " + target + stop`` (under a chat template ``target + stop``)
+    is tokenized and the ids after the target's own ids are taken; if the tokenizer merges
+    across the boundary (the joint ids do not start with the target's ids) ``stop`` is
+    tokenized on its own.
     """
     if not isinstance(stop, str) or not stop:
         raise ValueError(f"stop must be 'eos' or a non-empty string, got {stop!r}")
@@ -92,8 +99,9 @@ def stop_token_ids(tokenizer: Any, target: str, stop: str) -> list[int]:
         if tokenizer.eos_token_id is None:
             raise ValueError("stop='eos' but the tokenizer has no EOS token")
         return [int(tokenizer.eos_token_id)]
-    target_ids = encode_target(tokenizer, target)
-    joint = tokenizer(with_space(target) + stop, add_special_tokens=False)["input_ids"]
+    fmt = prompt_format(tokenizer, fmt)
+    target_ids = encode_target(tokenizer, target, fmt=fmt)
+    joint = tokenizer(fmt.answer_text(target) + stop, add_special_tokens=False)["input_ids"]
     if joint[: len(target_ids)] == target_ids and len(joint) > len(target_ids):
         return list(joint[len(target_ids):])
     alone = tokenizer(stop, add_special_tokens=False)["input_ids"]
@@ -119,6 +127,7 @@ def encode_in_template(
     prompt: Optional[str] = None,
     with_target: bool = False,
     stop: Optional[str] = None,
+    fmt: Optional[PromptFormat] = None,
 ) -> EncodedPrompt:
     """Tokenize ``template`` with the prompt in place of ``{}``; optionally append the target.
 
@@ -126,21 +135,26 @@ def encode_in_template(
     logits at ``prompt_length - 1 + j`` predict target token ``j``). With ``stop`` (see
     :func:`stop_token_ids`) the stop tokens are part of the target: ``target_ids`` is the
     target's ids followed by them, and the row holds all of it but the last token.
+
+    ``fmt`` (default: the tokenizer's, :func:`lit_edit.data.chat.prompt_format`) decides the
+    text: under a chat template the filled-in context template is the user message, followed
+    by the generation prompt, and the fact token is located in that whole text.
     """
     prompt = request.prompt if prompt is None else prompt
     if "{}" not in template:
         raise ValueError(f"context template {template!r} has no '{{}}' placeholder")
+    fmt = prompt_format(tokenizer, fmt)
     prefix, _, suffix = template.partition("{}")
-    text = prefix + prompt + suffix
+    text = fmt.wrap(prefix + prompt + suffix)
     start, end = subject_span(request, prompt)
-    ids = tokenizer(text, add_special_tokens=True)["input_ids"]
-    fact = fact_token_index(tokenizer, text, len(prefix) + end)
+    ids = tokenizer(text, add_special_tokens=fmt.add_special_tokens)["input_ids"]
+    fact = fact_token_index(tokenizer, text, fmt.offset + len(prefix) + end, add_special_tokens=fmt.add_special_tokens)
     target: list[int] = []
     plen = len(ids)
     if with_target:
-        target = encode_target(tokenizer, request.target_new)
+        target = encode_target(tokenizer, request.target_new, fmt=fmt)
         if stop is not None:
-            target = target + stop_token_ids(tokenizer, request.target_new, stop)
+            target = target + stop_token_ids(tokenizer, request.target_new, stop, fmt=fmt)
         ids = ids + target[:-1]
     return EncodedPrompt(ids=ids, fact_index=fact, prompt_length=plen, target_ids=target)
 

@@ -4,16 +4,21 @@ Prompt and target are tokenized separately (the target after a leading space, wi
 tokens) and concatenated, so the boundary is exact whatever the tokenizer merges. Batches are
 right-padded with the pad token (EOS for lit_edit); ``labels`` hold the target ids and ``-100``
 on prompt and padding positions.
+
+Prompts and targets follow the tokenizer's :class:`~lit_edit.data.chat.PromptFormat`
+(``chat_template``, :mod:`lit_edit.data.chat`): raw text by default; under a chat template the
+prompt is the user turn followed by the generation prompt, and the target is the assistant's
+answer, tokenized without the leading space.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
-from lit_edit.data.request import with_space
+from lit_edit.data.chat import PromptFormat, prompt_format
 
 __all__ = ["IGNORE_INDEX", "encode_left_padded", "encode_pairs", "encode_prompt", "encode_target", "pad_rows", "shift_for_loss", "target_nll"]
 
@@ -38,14 +43,19 @@ def pad_rows(rows: Sequence[Sequence[int]], pad_value: int, side: str = "right")
     return ids, mask
 
 
-def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
-    """Prompt ids, with the tokenizer's own special tokens (BOS for Llama-3, none for SmolLM2)."""
-    return tokenizer(prompt, add_special_tokens=True)["input_ids"]
+def encode_prompt(tokenizer: Any, prompt: str, fmt: Optional[PromptFormat] = None) -> list[int]:
+    """Prompt ids: raw text with the tokenizer's own special tokens (BOS for Llama-3, none for
+    SmolLM2), or, under a chat template, the chat-wrapped prompt as the template writes it.
+
+    ``fmt`` defaults to the tokenizer's format (:func:`lit_edit.data.chat.prompt_format`).
+    """
+    fmt = prompt_format(tokenizer, fmt)
+    return tokenizer(fmt.wrap(prompt), add_special_tokens=fmt.add_special_tokens)["input_ids"]
 
 
-def encode_target(tokenizer: Any, target: str, append_eos: bool = False) -> list[int]:
-    """Target ids after a leading space, optionally followed by EOS."""
-    ids = tokenizer(with_space(target), add_special_tokens=False)["input_ids"]
+def encode_target(tokenizer: Any, target: str, append_eos: bool = False, fmt: Optional[PromptFormat] = None) -> list[int]:
+    """Target ids (after a leading space in raw text, as is under a chat template), optionally followed by EOS."""
+    ids = tokenizer(prompt_format(tokenizer, fmt).answer_text(target), add_special_tokens=False)["input_ids"]
     if not ids:
         raise ValueError(f"target {target!r} tokenizes to nothing")
     return ids + [tokenizer.eos_token_id] if append_eos else ids

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, ClassVar, Optional, Union
+from typing import Any, ClassVar, Literal, Optional, Union
 
 import lightning as L
 import torch
@@ -24,6 +24,7 @@ from torch import nn
 from typing_extensions import override
 
 from lit_edit import edits
+from lit_edit.data.chat import check_chat_mode, use_chat_template
 from lit_edit.data.request import EditRequest
 from lit_edit.masks import ParameterMask, resolve_mask
 from lit_edit.models import arch_for, load_causal_lm, model_name
@@ -45,6 +46,13 @@ class Editor(L.LightningModule):
         layers_to_transform: block indices to restrict ``target_modules`` to.
         layers_pattern: name of the block list (peft ``layers_pattern``), if ambiguous.
         exclude_modules: peft-style exclusions.
+        chat_template: how prompts reach the model, in the edit and in its evaluation
+            (:mod:`lit_edit.data.chat`): ``never`` (raw text, answers after a space; default),
+            ``auto`` (the tokenizer's chat template when it has one: the prompt as the user turn,
+            the answer as the assistant's reply) or ``always`` (as ``auto``; a tokenizer
+            without a template is an error). Kept on :attr:`tokenizer`, so the evaluation of
+            this editor (``EditEvaluation``, or ``evaluate(editor.model, editor.tokenizer, ...)``)
+            uses the same format.
     """
 
     #: Trainer arguments this editor relies on (the CLI applies them as defaults).
@@ -70,10 +78,18 @@ class Editor(L.LightningModule):
         layers_to_transform: Union[list[int], int, None] = None,
         layers_pattern: Optional[str] = None,
         exclude_modules: Union[list[str], str, None] = None,
+        chat_template: Literal["auto", "never", "always"] = "never",
     ):
         super().__init__()
+        check_chat_mode(chat_template)  # before the model is loaded
         self.save_hyperparameters(ignore=["model", "tokenizer"])
         self.model, self.tokenizer = load_causal_lm(model, tokenizer, dtype)
+        #: How prompts are tokenized for this editor and its evaluation (:mod:`lit_edit.data.chat`).
+        self.prompt_format = use_chat_template(self.tokenizer, chat_template)
+        if self.prompt_format.chat:
+            log.info("prompts go through the tokenizer's chat template (chat_template=%s)", chat_template)
+        elif chat_template == "auto":
+            log.info("chat_template=auto: the tokenizer has no chat template, prompts are raw text")
         self.hparams["model"] = model if isinstance(model, str) else self.base_model_name
         self.arch = arch_for(self.model)
         self._originals: dict[str, torch.Tensor] = {}

@@ -212,6 +212,9 @@ class ClosedFormEditor(Editor):
             only that it is finite. Non-finite updates are always refused.
         on_bad_update: ``refuse`` (raise, naming the batch's case ids, the tensor and the ratio,
             and put back every tensor the batch changed, bit for bit) or ``warn`` (write it).
+        chat_template: ``never`` (raw prompts, default), ``auto`` or ``always`` (the tokenizer's chat
+            template: keys, v*/z rows and evaluation read the prompt as the user turn, the target
+            as the assistant's answer); see :class:`~lit_edit.editors.base.Editor`.
 
     Each group also accepts a mapping of its fields (``values={"steps": 10}``); ``self.hparams``
     holds the groups as plain mappings, as given (``None`` where the config hub decides).
@@ -236,6 +239,7 @@ class ClosedFormEditor(Editor):
         accumulate: bool = True,
         max_update_ratio: Optional[float] = DEFAULT_MAX_UPDATE_RATIO,
         on_bad_update: Literal["refuse", "warn"] = "refuse",
+        chat_template: Literal["auto", "never", "always"] = "never",
     ):
         guard = UpdateGuard(max_update_ratio, on_bad_update)
         groups = {
@@ -245,7 +249,7 @@ class ClosedFormEditor(Editor):
         }
         check_layers(layers, None, "layers")  # before the model is loaded; its range once it is
         check_bool("accumulate", accumulate)
-        super().__init__(model, tokenizer, dtype)
+        super().__init__(model, tokenizer, dtype, chat_template=chat_template)
         if layers is not None:
             edited = check_layers(layers, self.num_layers, "layers")
             if self.family == "rome" and len(edited) != 1:

@@ -42,10 +42,11 @@ class EMMET(MEMIT):
         emmet_lambda: float = 0.1,
         max_update_ratio: Optional[float] = DEFAULT_MAX_UPDATE_RATIO,
         on_bad_update: Literal["refuse", "warn"] = "refuse",
+        chat_template: Literal["auto", "never", "always"] = "never",
     ):
         check_real("emmet_lambda", emmet_lambda, minimum=0)  # TypeError / ValueError naming it (NaN, inf, < 0)
         super().__init__(model, tokenizer, dtype, layers, values, statistics, templates, accumulate,
-                         max_update_ratio=max_update_ratio, on_bad_update=on_bad_update)
+                         max_update_ratio=max_update_ratio, on_bad_update=on_bad_update, chat_template=chat_template)
         self._record_hparams(emmet_lambda=float(emmet_lambda))
 
     def solve(self, K: torch.Tensor, R: torch.Tensor, C: Optional[torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:

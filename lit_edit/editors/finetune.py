@@ -131,6 +131,8 @@ class FineTuneEditor(Editor):
         on_bad_update: ``refuse`` (stop the fit with :class:`~lit_edit.guards.UnsafeUpdateError`
             naming the batch's case ids, the tensor and the ratio) or ``warn`` (continue).
             Non-finite weights are always refused.
+        chat_template: ``never`` (raw prompts, default), ``auto`` or ``always`` (the tokenizer's chat
+            template, the target as the assistant's answer); see :class:`~lit_edit.editors.base.Editor`.
 
     Float16 weights keep Adam's state in float16, where ε below 6.1e-5 underflows and the step
     becomes NaN: with float16 tensors to tune, ``adam_eps`` must be at least that (else an error
@@ -160,6 +162,7 @@ class FineTuneEditor(Editor):
         preservation_corpus: str = "wiki:train",
         max_update_ratio: Optional[float] = DEFAULT_MAX_UPDATE_RATIO,
         on_bad_update: Literal["refuse", "warn"] = "refuse",
+        chat_template: Literal["auto", "never", "always"] = "never",
     ):
         _check_options(
             target_modules=target_modules, layers_to_transform=layers_to_transform, lr=lr, loss=loss, append_eos=append_eos,
@@ -167,7 +170,8 @@ class FineTuneEditor(Editor):
             preservation=preservation, preservation_texts=preservation_texts, preservation_corpus=preservation_corpus,
         )  # before the model is loaded
         guard = UpdateGuard(max_update_ratio, on_bad_update)
-        super().__init__(model, tokenizer, dtype, target_modules, layers_to_transform, layers_pattern, exclude_modules)
+        super().__init__(model, tokenizer, dtype, target_modules, layers_to_transform, layers_pattern, exclude_modules,
+                         chat_template=chat_template)
         #: The check the tuned tensors pass after every optimizer step (:mod:`lit_edit.guards`).
         self.guard = guard
         self._w0: dict[str, torch.Tensor] = {}

@@ -46,9 +46,10 @@ class ROME(ClosedFormEditor):
         original_rome: bool = False,
         max_update_ratio: Optional[float] = DEFAULT_MAX_UPDATE_RATIO,
         on_bad_update: Literal["refuse", "warn"] = "refuse",
+        chat_template: Literal["auto", "never", "always"] = "never",
     ):
         super().__init__(model, tokenizer, dtype, layers, values, statistics, templates, accumulate,
-                         max_update_ratio=max_update_ratio, on_bad_update=on_bad_update)
+                         max_update_ratio=max_update_ratio, on_bad_update=on_bad_update, chat_template=chat_template)
         self._record_hparams(original_rome=bool(original_rome))
 
     @property
