@@ -21,12 +21,16 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 from typing_extensions import override
 
+from lit_edit.data.chat import PromptFormat, prompt_format
 from lit_edit.data.corpus import corpus_version
 from lit_edit.data.request import EditRequest
 from lit_edit.distributed import gather_objects
 from lit_edit.evaluation import report
 from lit_edit.evaluation.evaluator import EvaluationReference, Evaluator, UneditedCache, as_requests
 from lit_edit.evaluation.protocols import PER_BATCH, check_timing
+
+#: Protocols that feed the requests' prompts to the model (perplexity reads raw text).
+PROMPT_PROTOCOLS = ("probability", "token_accuracy", "generation", "fluency")
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +59,11 @@ class EditEvaluation(L.Callback):
             ``accumulate=False`` restores the weights: single / batched editing).
         cache_unedited: keep the unedited model's figures on disk (``<cache root>/unedited``),
             keyed by its weights, the requests and these settings, so a second run skips them.
+
+    Prompts are fed in the format the module's tokenizer carries (the editor's
+    ``chat_template``, :mod:`lit_edit.data.chat`; raw text for a tokenizer without one); the
+    format is recorded in the summary (``chat_template``) and in the descriptions of the
+    prompt-based protocols, and a fit resumed from a checkpoint must use the same one.
     """
 
     def __init__(
@@ -86,6 +95,8 @@ class EditEvaluation(L.Callback):
         self._immediate: dict[str, list[float]] = {}
         self._seconds: dict[str, float] = {}
         self._restored = False
+        self.prompt_format: PromptFormat = prompt_format(None)
+        self._stored_format: Optional[dict[str, Any]] = None
 
     def _resolve_requests(self, trainer: Optional[L.Trainer]) -> list[EditRequest]:
         requests: Any = self.requests
@@ -112,8 +123,15 @@ class EditEvaluation(L.Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         model, tokenizer = self._model_and_tokenizer(pl_module)
         self._requests = self._resolve_requests(trainer)
+        self.prompt_format = prompt_format(tokenizer)
         if self._restored:  # resumed fit: the model is already partly edited, keep the unedited figures
             self._restored = False
+            stored = self._stored_format
+            if stored is not None and stored != self.prompt_format.describe():
+                raise ValueError(
+                    f"the checkpoint's 'before' evaluation fed prompts as {stored}, this fit as "
+                    f"{self.prompt_format.describe()}: resume with the same chat_template"
+                )
             if self.reference is not None and self.reference.num_requests != len(self._requests):
                 raise ValueError(
                     f"the checkpoint's 'before' evaluation covers {self.reference.num_requests} requests, "
@@ -180,6 +198,7 @@ class EditEvaluation(L.Callback):
             "before": dict(self.before) if self.before is not None else None,
             "seconds_before": self._seconds.get("before"),
             "reference": None if self.reference is None else self.reference.state_dict(),
+            "chat_template": self.prompt_format.describe(),
         }
 
     @override
@@ -191,6 +210,7 @@ class EditEvaluation(L.Callback):
             self._seconds["before"] = state_dict["seconds_before"]
         ref = state_dict.get("reference")
         self.reference = None if ref is None else EvaluationReference.from_state_dict(ref)
+        self._stored_format = state_dict.get("chat_template")
         self._restored = True
 
     # ------------------------------------------------------------------ reporting (lit_edit.evaluation.report)
@@ -201,9 +221,15 @@ class EditEvaluation(L.Callback):
         if "perplexity" in self.evaluator.protocols:
             extra["ppl_corpus_version"] = corpus_version(self.evaluator.ppl_corpus, "heldout")
         return report.summary(
-            self.before, self.after, protocols=self.evaluator.descriptions(), timing=self.timing,
+            self.before, self.after, protocols=self.descriptions(), timing=self.timing,
             num_requests=len(self._requests), model=model, seconds=self._seconds, extra=extra,
+            chat_template=self.prompt_format.describe(),
         )
+
+    def descriptions(self) -> dict[str, str]:
+        """``{protocol: description}``, the prompt-based ones stating how prompts were fed."""
+        label = self.prompt_format.label()
+        return {p: f"{d} [{label}]" if p in PROMPT_PROTOCOLS else d for p, d in self.evaluator.descriptions().items()}
 
     @rank_zero_only
     def write_summary(self, directory: Union[str, os.PathLike], model: Any = None) -> Path:
@@ -212,6 +238,6 @@ class EditEvaluation(L.Callback):
 
     def table(self) -> str:
         """The ``metric | before | after | delta`` table as text."""
-        header = f"edit evaluation ({len(self._requests)} requests, timing: {self.timing})"
+        header = f"edit evaluation ({len(self._requests)} requests, timing: {self.timing}, chat_template: {self.prompt_format.mode})"
         return report.table(self.before, self.after, header)
 

@@ -338,7 +338,8 @@ class UneditedCache:
 
     Files live under ``<cache root>/unedited/<sha>.json``; the key holds the model's weights
     fingerprint (:func:`~lit_edit.models.weights_fingerprint`), every request, the protocol
-    descriptions, the batch size and the process share. A file whose key differs, or that cannot
+    descriptions, the batch size, the process share and, when prompts go through a chat template
+    (:mod:`lit_edit.data.chat`), that template's wrapping. A file whose key differs, or that cannot
     be read, or whose figures are not finite, is ignored (recomputed, with one log line).
     """
 
@@ -348,9 +349,13 @@ class UneditedCache:
         self.directory = Path(directory) if directory is not None else cache_root() / "unedited"
 
     @staticmethod
-    def key(evaluator: Evaluator, model: nn.Module, requests: Sequence[EditRequest], rank: int, world_size: int) -> dict[str, Any]:
+    def key(
+        evaluator: Evaluator, model: nn.Module, requests: Sequence[EditRequest], rank: int, world_size: int, tokenizer: Any = None
+    ) -> dict[str, Any]:
+        from lit_edit.data.chat import prompt_format
         from lit_edit.models import weights_fingerprint
 
+        fmt = prompt_format(tokenizer)  # the chat wrapping, when one is applied (raw text keeps the key it had)
         return json.loads(json.dumps({
             "format": "lit_edit.unedited/1",
             "weights": weights_fingerprint(model),
@@ -359,6 +364,7 @@ class UneditedCache:
             "ppl_corpus": str(evaluator.ppl_corpus) if isinstance(evaluator.ppl_corpus, (str, os.PathLike)) else list(evaluator.ppl_corpus),
             "batch_size": evaluator.batch_size,
             "share": [rank, world_size],
+            **({"chat_template": fmt.describe()} if fmt.chat else {}),
         }, default=str))
 
     @staticmethod
@@ -373,7 +379,7 @@ class UneditedCache:
     ) -> Evaluation:
         """``evaluator.evaluate(model, tokenizer, requests)`` (the unedited model, its own reference),
         read from ``cache`` when it holds this evaluation and written to it otherwise (``None``: no cache)."""
-        key = cache.key(evaluator, model, requests, rank, world_size) if cache is not None else None
+        key = cache.key(evaluator, model, requests, rank, world_size, tokenizer) if cache is not None else None
         result = cache.load(key) if cache is not None else None
         if result is None:
             result = evaluator.evaluate(model, tokenizer, requests, rank=rank, world_size=world_size)

@@ -60,6 +60,7 @@ def summary(
     model: Any = None,
     seconds: Optional[dict[str, float]] = None,
     extra: Optional[dict[str, Any]] = None,
+    chat_template: Optional[dict[str, Any]] = None,
 ) -> dict[str, Any]:
     """The JSON-serializable record of an evaluation.
 
@@ -68,6 +69,8 @@ def summary(
         timing: the evaluation timing (a key of :data:`~lit_edit.evaluation.protocols.TIMING`).
         model: the editor (or model) evaluated, for its name and class.
         extra: further top-level entries (e.g. the perplexity corpus version).
+        chat_template: how prompts were fed (:meth:`lit_edit.data.chat.PromptFormat.describe`);
+            default: raw text (``{"mode": "never", "applied": False}``).
     """
     figures = {}
     for name in figure_names(before, after):
@@ -87,6 +90,7 @@ def summary(
         "model": model_label(model),
         "editor": type(model).__name__ if model is not None else None,
         "num_requests": num_requests,
+        "chat_template": dict(chat_template or {"mode": "never", "applied": False}),
         "protocols": dict(protocols),
         "seconds": dict(seconds or {}),
         "figures": figures,
