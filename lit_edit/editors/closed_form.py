@@ -112,6 +112,11 @@ class StatisticsOptions:
         dtype: accumulation dtype, ``float64`` or ``float32``.
         corpus: text source (``wiki:train`` = offline Wikipedia, train split; a file; ...).
         batch_size: texts per forward.
+        published: use published statistics instead of computing them: a second-moment ``.npz``
+            file of the ROME/MEMIT statistics collector named for the edited layer's module, or a
+            directory of such files (searched per layer); see :mod:`lit_edit.published_stats`.
+            ``None`` (default): compute from ``corpus``. A damaged file or one of another layer,
+            module or width is refused before any weight changes.
     """
 
     adjustment: bool = True
@@ -121,6 +126,7 @@ class StatisticsOptions:
     dtype: str = "float64"
     corpus: str = "wiki:train"
     batch_size: int = 8
+    published: Optional[str] = None
 
     def __post_init__(self) -> None:
         check_bool("statistics.adjustment", self.adjustment)
@@ -132,6 +138,11 @@ class StatisticsOptions:
         _check(isinstance(self.corpus, str) and bool(self.corpus.strip()), "statistics.corpus", "a non-empty text source",
                self.corpus)
         check_int("statistics.batch_size", self.batch_size, minimum=1)
+        if self.published is not None:
+            _check(isinstance(self.published, str) and bool(self.published.strip()), "statistics.published",
+                   "null or a published statistics file or directory", self.published)
+            _check(self.adjustment, "statistics.published", "null when statistics.adjustment is false (C = I uses no statistics)",
+                   self.published)
 
 
 @dataclass(frozen=True)
@@ -358,6 +369,10 @@ class ClosedFormEditor(Editor):
         opts = self._resolve("statistics")
         if not opts.adjustment:
             return None
+        if layer not in self._stats and opts.published is not None:
+            from lit_edit.published_stats import import_published_stats
+
+            self._stats[layer] = import_published_stats(self.model, layer, opts.published, model_name=self.base_model_name).mom2
         if layer not in self._stats:
             from lit_edit.stats import second_moment
 
