@@ -18,10 +18,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from typing_extensions import override
 
+from lit_edit.data.chat import prompt_format
 from lit_edit.data.loaders import SCHEMAS, load_requests
 from lit_edit.data.registry import known_dataset, unknown_source_message
-from lit_edit.data.request import EditRequest, RecordError, with_space
-from lit_edit.data.tokenize import encode_prompt
+from lit_edit.data.request import EditRequest, RecordError
+from lit_edit.data.tokenize import encode_prompt, encode_target
 from lit_edit.options import check_bool, check_int, check_str
 
 log = logging.getLogger(__name__)
@@ -127,6 +128,7 @@ def overlong_requests(requests: list[EditRequest], tokenizer: Any, positions: in
     byte, up to a few special tokens), so the check costs nothing on ordinary data.
     """
     margin = 8  # special tokens (BOS, EOS) and a SentencePiece prefix space, which cover no byte of the text
+    fmt = prompt_format(tokenizer)  # prompts are checked as the model reads them (raw or inside a chat template)
     out: list[RequestTooLong] = []
     for r in requests:
         pairs = [("prompt", r.prompt, r.target_new)]
@@ -136,9 +138,9 @@ def overlong_requests(requests: list[EditRequest], tokenizer: Any, positions: in
         for kind in ("locality", "portability"):
             pairs += [(f"{kind}[{i}].prompt", pa.prompt, pa.answer) for i, pa in enumerate(getattr(r, kind))]
         for field_name, prompt, answer in pairs:
-            if len(prompt.encode("utf-8")) + len(answer.encode("utf-8")) + 1 + margin <= positions:
+            if len(fmt.wrap(prompt).encode("utf-8")) + len(answer.encode("utf-8")) + 1 + margin <= positions:
                 continue
-            n = len(encode_prompt(tokenizer, prompt)) + len(tokenizer(with_space(answer), add_special_tokens=False)["input_ids"]) + 1
+            n = len(encode_prompt(tokenizer, prompt, fmt)) + len(encode_target(tokenizer, answer, fmt=fmt)) + 1
             if n > positions:
                 out.append(RequestTooLong(r, field_name, n, positions))
                 break
