@@ -208,3 +208,15 @@ def test_the_mode_is_in_the_summary_the_descriptions_and_the_unedited_cache_key(
     k_chat = UneditedCache.key(ev, model, [REQUEST], 0, 1, wrapped)
     assert k_raw != k_chat and k_chat["chat_template"]["mode"] == "auto"
     assert k_raw == UneditedCache.key(ev, model, [REQUEST], 0, 1)
+
+
+def test_the_length_check_counts_the_chat_wrapping(chat_tok):
+    from lit_edit.data.datamodule import overlong_requests
+
+    request = EditRequest(prompt=REQUEST.prompt, subject=REQUEST.subject, target_new="English", case_id=3)
+    raw = len(chat_tok(REQUEST.prompt)["input_ids"]) + len(chat_tok(" English", add_special_tokens=False)["input_ids"]) + 1
+    use_chat_template(chat_tok, "never")
+    assert overlong_requests([request], chat_tok, raw) == []
+    use_chat_template(chat_tok, "auto")
+    (too_long,) = overlong_requests([request], chat_tok, raw)
+    assert too_long.tokens == len(chat_ids(chat_tok, REQUEST.prompt)) + len(encode_target(chat_tok, "English")) + 1
