@@ -5,6 +5,11 @@
   target tokens) or ``ft_l`` (the old ROME baseline: every target token scored at the last
   prompt position). EOS may be appended to every target; the LM head runs only at the positions
   the loss reads.
+* :class:`BlockInputCache` — the hidden states entering the lowest tuned block, per request.
+  While only that block and those above it are trained, the blocks below see the same inputs
+  at every step; :func:`ft_loss` given a cache records those states the first time it sees a
+  request (ordinary full forward) and afterwards runs the forward and backward from that block
+  up only.
 * :class:`PreservationTerm` / :func:`preservation_loss` — the preservation objective of the
   locate-and-edit methods applied to a fine-tuned linear weight ``W`` (original ``W₀``): the
   relative squared change of its output on generic-text keys ``k``,
@@ -14,9 +19,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -25,7 +31,7 @@ from lit_edit.data.request import EditRequest
 from lit_edit.data.tokenize import IGNORE_INDEX, encode_pairs
 from lit_edit.models import logits_at
 
-__all__ = ["PreservationTerm", "ft_loss", "preservation_loss"]
+__all__ = ["BlockInputCache", "PreservationTerm", "ft_loss", "preservation_loss"]
 
 
 def ft_loss(
@@ -34,18 +40,26 @@ def ft_loss(
     requests: list[EditRequest],
     kind: str = "ft_m",
     append_eos: bool = True,
+    block_inputs: Optional[BlockInputCache] = None,
 ) -> torch.Tensor:
-    """Per-request loss, shape ``(B,)``: FT-M (target tokens teacher forced) or FT-L."""
+    """Per-request loss, shape ``(B,)``: FT-M (target tokens teacher forced) or FT-L.
+
+    With ``block_inputs`` (a :class:`BlockInputCache` of this model), a batch whose requests
+    were all seen before runs from the cached block up; any other batch runs the whole model
+    and fills the cache. The loss is the same either way (up to float rounding).
+    """
     device = next(model.parameters()).device
     enc = encode_pairs(tokenizer, [r.prompt for r in requests], [r.target_new for r in requests], append_eos)
     input_ids = enc["input_ids"].to(device)
     attn = enc["attention_mask"].to(device)
     labels = enc["labels"].to(device)
+    context = block_inputs.forward(input_ids, attn) if block_inputs is not None else nullcontext()
     if kind == "ft_m":
         # logits at t-1 predict the target token at t; only those rows go through the LM head
         predicts = torch.zeros_like(labels, dtype=torch.bool)
         predicts[:, :-1] = labels[:, 1:] != IGNORE_INDEX
-        logits = logits_at(model, input_ids, attn, predicts)
+        with context:
+            logits = logits_at(model, input_ids, attn, predicts)
         nll = torch.nn.functional.cross_entropy(logits.float(), labels[:, 1:][predicts[:, :-1]], reduction="none")
         rows = predicts.nonzero(as_tuple=True)[0]
         per_row = torch.zeros(len(requests), dtype=nll.dtype, device=device).index_add(0, rows, nll)
@@ -54,11 +68,111 @@ def ft_loss(
         last = enc["prompt_lengths"].to(device) - 1
         at_last = torch.zeros_like(labels, dtype=torch.bool)
         at_last[torch.arange(len(requests), device=device), last] = True
-        prompt_logits = logits_at(model, input_ids, attn, at_last).float().log_softmax(-1)  # (B, V)
+        with context:
+            prompt_logits = logits_at(model, input_ids, attn, at_last).float().log_softmax(-1)  # (B, V)
         mask = labels != IGNORE_INDEX
         nll = -prompt_logits.gather(1, labels.clamp_min(0)) * mask
         return nll.sum(1) / mask.sum(1).clamp_min(1)
     raise ValueError(f"unknown loss {kind!r}; use 'ft_m' or 'ft_l'")
+
+
+class _Skip(nn.Module):
+    """Stands in for a frozen block whose output is replaced anyway: returns its input."""
+
+    def forward(self, hidden_states: Optional[torch.Tensor] = None, *args: Any, **kwargs: Any) -> Optional[torch.Tensor]:
+        return hidden_states
+
+
+class BlockInputCache:
+    """Hidden states entering block ``layer`` of ``blocks``, per request (keyed by its token ids).
+
+    Valid while nothing at or below that point changes: the embeddings and the blocks below
+    ``layer`` frozen and deterministic (no active dropout). Rows must be right-padded (position
+    ids then start at 0 in every row, so a row's states do not depend on the rest of its
+    batch); a batch that is not is run in full and not cached. The states live on the model's
+    device, in its dtype: ``sum of sequence lengths × hidden size`` values (:attr:`nbytes`).
+
+    :meth:`forward` wraps one forward pass of the whole model: if every row of the batch is
+    cached, the blocks below ``layer`` are replaced by pass-throughs for that pass and the
+    input of block ``layer`` by the cached states (the model's own code still builds the
+    attention mask, position ids and rotary embeddings of the batch); otherwise the pass is
+    run as is and the states of the rows not yet cached are recorded.
+    """
+
+    def __init__(self, blocks: nn.ModuleList, layer: int):
+        if not 0 < layer < len(blocks):
+            raise ValueError(f"layer must be in 1..{len(blocks) - 1} (0 would cache nothing), got {layer}")
+        self.blocks, self.layer = blocks, layer
+        self._states: dict[tuple[int, ...], torch.Tensor] = {}
+        #: Forward passes run from the cached block (``hits``) and in full (``misses``).
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held by the cached states, in bytes."""
+        return sum(t.numel() * t.element_size() for t in self._states.values())
+
+    def clear(self) -> None:
+        self._states.clear()
+        self.hits = self.misses = 0
+
+    @staticmethod
+    def _keys(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Optional[list[tuple[int, ...]]]:
+        """Each row's unpadded token ids, or ``None`` when a row is not right-padded."""
+        lengths = attention_mask.sum(1)
+        positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+        if not torch.equal(attention_mask.bool(), positions[None, :] < lengths[:, None]):
+            return None
+        return [tuple(row[: int(n)].tolist()) for row, n in zip(input_ids, lengths)]
+
+    @contextmanager
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Iterator[None]:
+        keys = self._keys(input_ids, attention_mask)
+        if keys is None:
+            self.misses += 1
+            yield
+            return
+        block = self.blocks[self.layer]
+        if all(k in self._states for k in keys):
+            first = self._states[keys[0]]
+            h = first.new_zeros(input_ids.shape[0], input_ids.shape[1], first.shape[-1])
+            for b, k in enumerate(keys):  # padding positions stay zero: no real token attends to them
+                h[b, : len(k)] = self._states[k]
+
+            def replace(mod: nn.Module, args: tuple, kwargs: dict):
+                if args:
+                    return (h, *args[1:]), kwargs
+                return args, {**kwargs, "hidden_states": h}
+
+            lower = [self.blocks[i] for i in range(self.layer)]
+            handle = block.register_forward_pre_hook(replace, with_kwargs=True)
+            try:
+                for i in range(self.layer):
+                    self.blocks[i] = _Skip()
+                self.hits += 1
+                yield
+            finally:
+                for i, module in enumerate(lower):
+                    self.blocks[i] = module
+                handle.remove()
+            return
+
+        def record(mod: nn.Module, args: tuple, kwargs: dict) -> None:
+            x = (args[0] if args else kwargs["hidden_states"]).detach()
+            for b, k in enumerate(keys):
+                if k not in self._states:
+                    self._states[k] = x[b, : len(k)].clone()
+
+        handle = block.register_forward_pre_hook(record, with_kwargs=True)
+        try:
+            self.misses += 1
+            yield
+        finally:
+            handle.remove()
 
 
 @dataclass(frozen=True)

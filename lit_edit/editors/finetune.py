@@ -33,6 +33,15 @@ with ``C`` computed once per module by :func:`lit_edit.stats.second_moment` (off
 train split, cached on disk), the same statistics MEMIT and EMMET use. It steers the update into
 directions generic text hardly uses, at the cost of one small matrix product per step; the
 edit loss alone still decides ``min_loss`` skips and early stopping.
+
+``cache_block_inputs`` (on by default): the blocks below the lowest tuned block are frozen and
+see the same inputs at every step, so during a fit the hidden states entering that block are
+kept per request (:class:`~lit_edit.losses.BlockInputCache`, on the model's device): a request
+is run through the whole model the first time it is seen, and from that block up afterwards.
+The cache is used only when it is exact: every trainable tensor (LoRA adapters included) in that
+block or above (or in the final norm / LM head), the embeddings untouched, the lowest tuned
+block not block 0, and no dropout in the model; otherwise, or with ``cache_block_inputs=False``,
+every step runs the whole model. The loss is the same either way up to float rounding.
 """
 
 from __future__ import annotations
@@ -49,7 +58,7 @@ from lit_edit.data.request import EditRequest
 from lit_edit.distributed import all_reduce_sum, rank_and_world_size
 from lit_edit.editors.base import Editor
 from lit_edit.guards import DEFAULT_MAX_UPDATE_RATIO, UpdateGuard
-from lit_edit.losses import PreservationTerm, ft_loss, preservation_loss
+from lit_edit.losses import BlockInputCache, PreservationTerm, ft_loss, preservation_loss
 from lit_edit.masks import ElementMaskHook, check_layers, resolve_mask
 from lit_edit.options import check_bool, check_int, check_real, check_str
 
@@ -92,6 +101,7 @@ def _check_options(**o: Any) -> None:
         raise ValueError("preservation penalises the change of tuned weights; it cannot be combined with lora_rank")
     check_int("preservation_texts", o["preservation_texts"], minimum=1)
     check_str("preservation_corpus", o["preservation_corpus"])
+    check_bool("cache_block_inputs", o["cache_block_inputs"])
 
 
 class FineTuneEditor(Editor):
@@ -133,6 +143,9 @@ class FineTuneEditor(Editor):
             Non-finite weights are always refused.
         chat_template: ``never`` (raw prompts, default), ``auto`` or ``always`` (the tokenizer's chat
             template, the target as the assistant's answer); see :class:`~lit_edit.editors.base.Editor`.
+        cache_block_inputs: during a fit, keep each request's hidden states entering the lowest
+            tuned block and run later steps from that block up (module docstring); used only
+            where exact, ``False`` runs the whole model at every step.
 
     Float16 weights keep Adam's state in float16, where ε below 6.1e-5 underflows and the step
     becomes NaN: with float16 tensors to tune, ``adam_eps`` must be at least that (else an error
@@ -163,11 +176,13 @@ class FineTuneEditor(Editor):
         max_update_ratio: Optional[float] = DEFAULT_MAX_UPDATE_RATIO,
         on_bad_update: Literal["refuse", "warn"] = "refuse",
         chat_template: Literal["auto", "never", "always"] = "never",
+        cache_block_inputs: bool = True,
     ):
         _check_options(
             target_modules=target_modules, layers_to_transform=layers_to_transform, lr=lr, loss=loss, append_eos=append_eos,
             min_loss=min_loss, adam_eps=adam_eps, linf_eps=linf_eps, lora_rank=lora_rank, lora_alpha=lora_alpha,
             preservation=preservation, preservation_texts=preservation_texts, preservation_corpus=preservation_corpus,
+            cache_block_inputs=cache_block_inputs,
         )  # before the model is loaded
         guard = UpdateGuard(max_update_ratio, on_bad_update)
         super().__init__(model, tokenizer, dtype, target_modules, layers_to_transform, layers_pattern, exclude_modules,
@@ -187,6 +202,8 @@ class FineTuneEditor(Editor):
         self.optimizer_steps = 0
         #: tensor name -> its preservation term (C, W₀ as (out, in), tr(W₀ C W₀ᵀ)), filled when fitting starts.
         self._preserve: dict[str, PreservationTerm] = {}
+        #: The hidden states entering the lowest tuned block during a fit (``None`` when not used).
+        self.block_inputs: Optional[BlockInputCache] = None
 
     # ------------------------------------------------------------------ configuration
 
@@ -370,7 +387,57 @@ class FineTuneEditor(Editor):
 
     def edit_loss(self, requests: list[EditRequest]) -> torch.Tensor:
         """Per-request loss under this editor's settings (shape ``(B,)``)."""
-        return ft_loss(self.model, self.tokenizer, requests, self.hparams["loss"], self.hparams["append_eos"])
+        return ft_loss(
+            self.model, self.tokenizer, requests, self.hparams["loss"], self.hparams["append_eos"], self.block_inputs
+        )
+
+    def block_input_layer(self) -> tuple[Optional[int], str]:
+        """``(block, "")``: the lowest tuned block, whose inputs can be cached during a fit; or
+        ``(None, reason)`` when caching them would not be exact (or is switched off)."""
+        if not self.hparams.get("cache_block_inputs", True):
+            return None, "cache_block_inputs=False"
+        prefix = f"{self.arch.layers}."
+        above = (f"{self.arch.final_norm}.", f"{self.arch.lm_head}.")
+        lowest = None
+        for name, p in self.model.named_parameters():
+            if not p.requires_grad:
+                continue
+            index = name[len(prefix):].split(".", 1)[0] if name.startswith(prefix) else ""
+            if index.isdigit():
+                lowest = int(index) if lowest is None else min(lowest, int(index))
+            elif not name.startswith(above):
+                return None, f"{name} is trained and lies below the blocks"
+        if lowest is None or lowest == 0:
+            return None, "the lowest tuned block is block 0" if lowest == 0 else "no tuned block"
+        config = getattr(self.model, "config", None)
+        for key in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop",
+                    "hidden_dropout_prob", "attention_probs_dropout_prob"):
+            value = getattr(config, key, None)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+                return None, f"the model has dropout ({key}={value})"
+        if any(isinstance(m, nn.Dropout) and m.p > 0 for m in self.model.modules()):
+            return None, "the model has dropout"
+        return lowest, ""
+
+    def start_block_input_cache(self) -> None:
+        """Create the fit's :attr:`block_inputs` where it is exact (see :meth:`block_input_layer`)."""
+        layer, reason = self.block_input_layer()
+        if layer is None:
+            self.block_inputs = None
+            log.info("every step runs the whole model (%s)", reason)
+            return
+        self.block_inputs = BlockInputCache(self.model.get_submodule(self.arch.layers), layer)
+        log.info("caching the hidden states entering block %d: steps after a request's first run blocks %d-%d only",
+                 layer, layer, self.num_layers - 1)
+
+    def stop_block_input_cache(self) -> None:
+        """Log the cache's size and drop it (the states are valid for one fit only)."""
+        cache, self.block_inputs = self.block_inputs, None
+        if cache is not None:
+            log.info(
+                "block-input cache: %d request(s), %.2f MB on %s; %d forward(s) from the block, %d in full",
+                len(cache), cache.nbytes / 2**20, self.device, cache.hits, cache.misses,
+            )
 
     def training_loss(self, requests: list[EditRequest]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(edit loss, loss to optimise)``: the batch-mean edit loss, plus the preservation term."""
@@ -435,9 +502,11 @@ class FineTuneEditor(Editor):
         self.match_originals_dtype()
         self._w0 = {}
         self.prepare_preservation()
+        self.start_block_input_cache()
 
     @override
     def on_fit_end(self) -> None:
+        self.stop_block_input_cache()
         if self.hparams.get("lora_rank"):
             self.merge_lora()
 
