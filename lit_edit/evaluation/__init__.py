@@ -5,12 +5,15 @@
 - :mod:`~lit_edit.evaluation.protocols`: protocol, figure and timing descriptions;
 - :mod:`~lit_edit.evaluation.report`: flat metrics, summary JSON and the before → after table;
 - :mod:`~lit_edit.evaluation.callback`: :class:`EditEvaluation`, the engine run from Lightning hooks;
+- :mod:`~lit_edit.evaluation.harness`: the ``harness`` protocol (lm-evaluation-harness tasks,
+  :class:`HarnessOptions`; optional extra ``lmeval``);
 - :mod:`~lit_edit.evaluation.metrics` and :mod:`~lit_edit.evaluation.scoring`: torchmetrics
   metrics and the scoring primitives.
 """
 
 from lit_edit.evaluation.callback import EditEvaluation
 from lit_edit.evaluation.evaluator import Evaluation, EvaluationReference, Evaluator, UneditedCache, evaluate
+from lit_edit.evaluation.harness import HarnessOptions
 from lit_edit.evaluation.metrics import ExactMatch, Perplexity, ProbabilityComparison, TokenAccuracy
 from lit_edit.evaluation.protocols import FIGURES, PROTOCOLS, TIMING
 from lit_edit.evaluation.scoring import (
@@ -37,6 +40,7 @@ __all__ = [
     "EvaluationReference",
     "Evaluator",
     "ExactMatch",
+    "HarnessOptions",
     "Perplexity",
     "ProbabilityComparison",
     "StopOnStrings",

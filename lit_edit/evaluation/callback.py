@@ -27,6 +27,7 @@ from lit_edit.data.request import EditRequest
 from lit_edit.distributed import gather_objects
 from lit_edit.evaluation import report
 from lit_edit.evaluation.evaluator import EvaluationReference, Evaluator, UneditedCache, as_requests
+from lit_edit.evaluation.harness import HarnessOptions
 from lit_edit.evaluation.protocols import PER_BATCH, check_timing
 
 #: Protocols that feed the requests' prompts to the model (perplexity reads raw text).
@@ -59,6 +60,9 @@ class EditEvaluation(L.Callback):
             ``accumulate=False`` restores the weights: single / batched editing).
         cache_unedited: keep the unedited model's figures on disk (``<cache root>/unedited``),
             keyed by its weights, the requests and these settings, so a second run skips them.
+        harness: the lm-evaluation-harness tasks of the ``harness`` protocol (``tasks``,
+            ``include``, ``limit``, ``num_fewshot``; :class:`~lit_edit.evaluation.harness.HarnessOptions`);
+            needs ``pip install lit-edit[lmeval]``.
 
     Prompts are fed in the format the module's tokenizer carries (the editor's
     ``chat_template``, :mod:`lit_edit.data.chat`; raw text for a tokenizer without one); the
@@ -80,10 +84,11 @@ class EditEvaluation(L.Callback):
         print_table: bool = True,
         timing: str = "after-all",
         cache_unedited: bool = True,
+        harness: Optional[HarnessOptions] = None,
     ):
         if limit is not None and limit < 1:
             raise ValueError(f"limit must be positive, got {limit}")
-        self.evaluator = Evaluator(protocols, batch_size, max_new_tokens, ppl_corpus, ppl_texts, ppl_max_length)
+        self.evaluator = Evaluator(protocols, batch_size, max_new_tokens, ppl_corpus, ppl_texts, ppl_max_length, harness=harness)
         self.timing = check_timing(timing)
         self.requests, self.limit = requests, limit
         self.summary_dir, self.print_table, self.cache_unedited = summary_dir, print_table, cache_unedited

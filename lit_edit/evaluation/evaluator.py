@@ -36,6 +36,7 @@ from torch import nn
 
 from lit_edit.data.corpus import corpus_name, load_texts
 from lit_edit.data.request import EditRequest
+from lit_edit.evaluation.harness import HarnessOptions, harness_options, run_harness
 from lit_edit.evaluation.metrics import ExactMatch, Perplexity, ProbabilityComparison, TokenAccuracy
 from lit_edit.evaluation.protocols import FLUENCY_TOKENS, PROTOCOLS, check_protocols
 from lit_edit.evaluation.scoring import greedy_generate, ngram_entropy, normalize_answer, score_pairs, text_nll
@@ -95,14 +96,18 @@ class Evaluator:
     """Scores a model on edit requests with the chosen protocols.
 
     Args:
-        protocols: any of ``probability``, ``token_accuracy``, ``generation``, ``perplexity``
-            and ``fluency`` (64-token generations from the edit prompts).
+        protocols: any of ``probability``, ``token_accuracy``, ``generation``, ``perplexity``,
+            ``fluency`` (64-token generations from the edit prompts) and ``harness``
+            (lm-evaluation-harness tasks, :mod:`lit_edit.evaluation.harness`).
         batch_size: prompts per forward / generation batch.
         max_new_tokens: generation budget of the exact-match protocol.
         ppl_corpus: perplexity text: ``wiki`` (offline Wikipedia, held-out split), a
             ``.txt``/``.json``/``.jsonl`` file, a list of strings, or a hub dataset name.
         ppl_texts: number of perplexity texts.
         ppl_max_length: tokens per perplexity text (truncated).
+        harness: the lm-evaluation-harness tasks of the ``harness`` protocol
+            (:class:`~lit_edit.evaluation.harness.HarnessOptions` or a mapping of its fields:
+            ``{"tasks": ["arc_easy"], "limit": 200}``); needs ``pip install lit-edit[lmeval]``.
     """
 
     def __init__(
@@ -113,6 +118,7 @@ class Evaluator:
         ppl_corpus: Union[str, Sequence[str]] = "wiki",
         ppl_texts: int = 100,
         ppl_max_length: int = 128,
+        harness: Union[HarnessOptions, dict, None] = None,
     ):
         if batch_size < 1 or max_new_tokens < 1 or ppl_texts < 1 or ppl_max_length < 2:
             raise ValueError("batch_size, max_new_tokens and ppl_texts must be >= 1 and ppl_max_length >= 2")
@@ -123,6 +129,7 @@ class Evaluator:
         self.ppl_texts = ppl_texts
         self.ppl_max_length = ppl_max_length
         self._texts: Optional[list[str]] = None
+        self.harness = harness_options(harness, self.protocols)
 
     def with_protocols(self, protocols: Sequence[str]) -> Evaluator:
         """The same settings restricted to ``protocols`` (shares the loaded perplexity texts)."""
@@ -134,7 +141,7 @@ class Evaluator:
     @property
     def needs_requests(self) -> bool:
         """Whether any protocol scores requests (perplexity alone does not)."""
-        return any(p != "perplexity" for p in self.protocols)
+        return any(p not in ("perplexity", "harness") for p in self.protocols)
 
     # ------------------------------------------------------------------ descriptions
 
@@ -152,6 +159,7 @@ class Evaluator:
             ppl_corpus=self.corpus_label(),
             ppl_max_length=self.ppl_max_length,
             fluency_tokens=FLUENCY_TOKENS,
+            harness=self.harness.describe() if self.harness is not None else "",
         )
 
     def descriptions(self) -> dict[str, str]:
@@ -210,6 +218,8 @@ class Evaluator:
             metric = _mean_metric()
             metric.update(torch.tensor([ngram_entropy(t) for t in texts], dtype=torch.float64))
             figures["fluency/ngram_entropy"] = metric.compute()
+        if "harness" in self.protocols:
+            figures.update({k: torch.tensor(v, dtype=torch.float64) for k, v in run_harness(model, tokenizer, self.harness, self.batch_size).items()})
         if "perplexity" in self.protocols:
             texts = self.perplexity_texts()[rank::world_size]
             total, count = text_nll(model, tokenizer, texts, self.ppl_max_length, self.batch_size, progress=True)

@@ -1,7 +1,7 @@
 """The evaluation protocols, the figures each one produces and the evaluation timings.
 
 Every figure name carries its protocol as a prefix (``prob/``, ``tok_acc/``, ``gen_em/``,
-``ppl/``, ``fluency/``); the descriptions here are the ones recorded in every summary.
+``ppl/``, ``fluency/``, ``harness/<task>/<metric>``); the descriptions here are the ones recorded in every summary.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ PROTOCOLS: dict[str, str] = {
     "generation": "generation exact match: greedy, ≤{max_new_tokens} new tokens, stop at '.', newline or EOS, normalized",
     "perplexity": "perplexity: exp(token-weighted mean NLL) over {ppl_texts} texts from {ppl_corpus}, ≤{ppl_max_length} tokens each",
     "fluency": "fluency: n-gram entropy (2/3·H2 + 4/3·H3)/2 in bits ×100 of {fluency_tokens}-token greedy generations from the edit prompts",
+    "harness": "lm-evaluation-harness capability tasks on the in-memory model (HFLM, raw-text prompts), metrics as lm-eval reports them: {harness}",
 }
 """The evaluation protocols, with the description recorded for each of their figures."""
 
@@ -66,7 +67,10 @@ PER_BATCH: tuple[str, ...] = ("probability", "token_accuracy", "generation")
 FLUENCY_TOKENS = 64
 """Length of the free-running generations the fluency protocol scores."""
 
-_PREFIXES = {"prob": "probability", "tok_acc": "token_accuracy", "gen_em": "generation", "ppl": "perplexity", "fluency": "fluency"}
+_PREFIXES = {
+    "prob": "probability", "tok_acc": "token_accuracy", "gen_em": "generation", "ppl": "perplexity", "fluency": "fluency",
+    "harness": "harness",
+}
 
 
 def protocol_of(figure: str) -> str:
@@ -80,6 +84,9 @@ def protocol_of(figure: str) -> str:
 
 def figure_description(figure: str) -> str:
     """What ``figure`` measures."""
+    if figure.startswith("harness/"):
+        task, _, metric = figure[len("harness/"):].partition("/")
+        return f"lm-evaluation-harness task {task}: {metric}"
     return FIGURES.get(figure, "perplexity of the model on the corpus")
 
 
