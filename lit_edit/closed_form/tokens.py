@@ -32,6 +32,7 @@ from lit_edit.data.request import EditRequest, RecordError
 from lit_edit.data.tokenize import encode_target
 from lit_edit.io import atomic_write, cache_root
 from lit_edit.models import model_identity, weights_fingerprint
+from lit_edit.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -269,7 +270,7 @@ def sample_templates(model: nn.Module, tokenizer: Any, spec: TemplateSpec, seed:
     start_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     out: list[list[str]] = []
     devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
+    with torch.random.fork_rng(devices=devices), Progress(len(spec.groups), "context template groups", log) as bar:
         torch.manual_seed(seed)
         for length, count in spec.groups:
             group: list[str] = []
@@ -293,4 +294,5 @@ def sample_templates(model: nn.Module, tokenizer: Any, spec: TemplateSpec, seed:
                     keep = row if start is not None else row[len(ids):]
                     group.append(_clean_template(tokenizer.decode(keep, skip_special_tokens=True)))
             out.append(group)
+            bar.update(1, templates=sum(map(len, out)))
     return out

@@ -17,6 +17,10 @@ the blocks from the site's layer up, with the per-block arguments (attention mas
 position embeddings, …) captured from that first pass, and the final norm and LM head are
 applied only at the positions the loss reads. ``partial=False`` runs the whole model each step
 instead (same result; for architectures whose blocks cannot be called on their own).
+
+Progress: the steps of an optimisation are counted by :class:`lit_edit.progress.Progress` (a
+bar in a terminal, a log line every 30 s otherwise, with the requests still active and their
+mean loss); ``progress=False`` turns it off.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from lit_edit.closed_form.tokens import encode_in_template
 from lit_edit.data.request import EditRequest
 from lit_edit.data.tokenize import pad_rows
 from lit_edit.models import ArchSpec, arch_for
+from lit_edit.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -244,6 +249,8 @@ def optimize_values(
     settings: ValueSettings = ValueSettings(),
     partial: bool = True,
     arch: Optional[ArchSpec] = None,
+    progress: bool = True,
+    desc: str = "v*/z",
 ) -> ValueResult:
     """Optimise one δ per request (all in one batch) and return the target values h₀ + δ.
 
@@ -252,6 +259,8 @@ def optimize_values(
             ``"block"`` (δ at the output of block ``layer``, MEMIT/EMMET).
         templates: flat list of context templates; the first must be ``"{}"``.
         partial: run only the blocks from ``layer`` up in the loop (default) or the whole model.
+        progress: count the steps (a bar in a terminal, a log line every 30 s otherwise).
+        desc: what the progress lines call this optimisation (e.g. ``"v*/z batch 2/7"``).
     """
     if site not in ("mlp_out", "block"):
         raise ValueError(f"site must be 'mlp_out' or 'block', got {site!r}")
@@ -263,6 +272,7 @@ def optimize_values(
     runner = _Runner(model, arch, layer, site, partial)
     requires = [p.requires_grad for p in model.parameters()]
     model.requires_grad_(False)
+    bar = Progress(settings.steps, f"{desc} ({len(requests)} requests, layer {layer}) steps", log, enabled=progress)
     try:
         h0_rows = runner.prepare(ids, mask, fact)
         R, T = data.n_requests, data.n_templates
@@ -308,6 +318,7 @@ def optimize_values(
                 last_nll[active.cpu()] = req_nll.detach()[active].cpu()
                 done = active & (loss.detach() < settings.loss_tol)
                 active = active & ~done
+            bar.update(1, active=int(active.sum()), loss=float(last_loss.mean()))
             if it == settings.steps - 1 or not bool(active.any()):
                 break
             opt.zero_grad()
@@ -323,6 +334,7 @@ def optimize_values(
                 delta.mul_(scale[:, None])
             steps[active.cpu()] += 1
     finally:
+        bar.close()
         for p, rg in zip(model.parameters(), requires):
             p.requires_grad_(rg)
     d = delta.detach()

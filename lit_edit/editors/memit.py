@@ -52,6 +52,7 @@ class MEMIT(ClosedFormEditor):
                     optimize_values(
                         self.model, self.tokenizer, requests[s : s + chunk], layers[-1], "block", flat,
                         settings, partial=options.partial_forward, arch=self.arch,
+                        desc=f"v*/z batch {s // chunk + 1}/{-(-len(requests) // chunk)}",
                     )
                 )
         return results
