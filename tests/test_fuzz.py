@@ -347,6 +347,7 @@ VALUE_OPTIONS = {
 STATISTICS_OPTIONS = {
     "adjustment": st.booleans(), "update_weight": numbers, "n_samples": ints, "max_length": ints,
     "dtype": st.sampled_from(["float32", "float64", "float16", "", "fp32"]), "corpus": texts, "batch_size": ints,
+    "published": st.one_of(st.none(), texts, st.integers()),
 }
 TEMPLATE_OPTIONS = {"seed": ints, "max_per_group": st.one_of(st.none(), ints)}
 GROUPS = {"values": (ValueOptions, VALUE_OPTIONS), "statistics": (StatisticsOptions, STATISTICS_OPTIONS),

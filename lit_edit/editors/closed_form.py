@@ -139,8 +139,11 @@ class StatisticsOptions:
                self.corpus)
         check_int("statistics.batch_size", self.batch_size, minimum=1)
         if self.published is not None:
-            _check(isinstance(self.published, str) and bool(self.published.strip()), "statistics.published",
-                   "null or a published statistics file or directory", self.published)
+            if not isinstance(self.published, str):
+                raise TypeError(f"statistics.published must be null or the path of a published statistics file or directory, "
+                                f"got {self.published!r}")
+            _check(bool(self.published.strip()), "statistics.published", "null or a published statistics file or directory",
+                   self.published)
             _check(self.adjustment, "statistics.published", "null when statistics.adjustment is false (C = I uses no statistics)",
                    self.published)
 
