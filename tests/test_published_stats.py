@@ -160,6 +160,44 @@ def test_directory_search_names_missing_and_ambiguous(tokenizer, computed, publi
     assert find_published_stats(root, MODULE, model_dir="other-model") == other
 
 
+def test_memit_reads_each_layer_from_a_directory(tokenizer, computed, cache, tmp_path, monkeypatch, caplog):
+    from lit_edit.editors import MEMIT
+    from lit_edit.stats import second_moment
+
+    model = make_tiny_llama(len(tokenizer))
+    root = tmp_path / "stats"
+    expected = {}
+    for layer in (0, 1):
+        sm = second_moment(model, tokenizer, layer, corpus=computed["corpus"], dtype="float64", cache=False, progress=False, **FAST)
+        write_published(root, "tiny-llama-seed0", f"model.layers.{layer}.mlp.down_proj", (sm.mom2 * sm.count).numpy(), sm.count)
+        expected[layer] = sm.mom2
+    _no_computing(monkeypatch)
+    editor = MEMIT(model=model, tokenizer=tokenizer, layers=[0, 1], statistics={"published": str(root), "update_weight": 10.0})
+    with caplog.at_level(logging.INFO, logger="lit_edit.published_stats"):
+        editor.prepare_statistics()
+    for layer in (0, 1):
+        assert torch.allclose(editor.key_statistics(layer), expected[layer], rtol=1e-12, atol=0)
+        assert f"layer {layer} mlp.down_proj instead of computing them" in caplog.text
+
+
+def test_gpt2_file_in_the_published_naming(tokenizer, cache, tmp_path):
+    """GPT-2's published names (``transformer.h.<l>.mlp.c_proj``, float32) are lit_edit's module names too."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from lit_edit.published_stats import import_published_stats
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=64, n_layer=3, n_head=4)).eval()
+    model.config.name_or_path = "gpt2-xl"
+    keys = np.random.default_rng(0).standard_normal((1000, 256)).astype(np.float32)  # c_proj's input: 4 × n_embd
+    total = keys.T @ keys
+    path = write_published(tmp_path / "stats", "gpt2-xl", "transformer.h.1.mlp.c_proj", total, 1000, precision="float32", samples=100000)
+    assert path.name == "transformer.h.1.mlp.c_proj_float32_mom2_100000.npz"
+    sm = import_published_stats(model, 1, tmp_path / "stats")
+    assert sm.count == 1000 and sm.key.n_samples == 100000 and sm.key.module == "mlp.c_proj"
+    assert torch.equal(sm.mom2, torch.from_numpy(total).double() / 1000)
+
+
 # --------------------------------------------------------------------------- refused files
 
 
