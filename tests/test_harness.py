@@ -29,6 +29,14 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
+def _require_lm_eval():
+    """The protocol's tests run, never skip: ``make setup`` installs the ``lmeval`` extra."""
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError:
+        pytest.fail("lm-eval is not installed; the test set-up installs it: pip install -e '.[test,plot,lmeval]' (make setup)")
+
+
 def _example():
     from lit_edit.evaluation.harness import EXAMPLE_TASK
 
@@ -56,7 +64,7 @@ def hand_accuracy(model, tokenizer) -> float:
 
 
 def test_protocol_runs_local_task_offline_and_matches_hand_computation(tokenizer, monkeypatch):
-    pytest.importorskip("lm_eval", reason="the lmeval extra is installed by make setup")
+    _require_lm_eval()
     from lit_edit.evaluation import Evaluator
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
@@ -88,7 +96,7 @@ def test_protocol_runs_local_task_offline_and_matches_hand_computation(tokenizer
 
 
 def test_callback_reports_before_and_after_an_edit(tokenizer, cache, tmp_path, monkeypatch):
-    pytest.importorskip("lm_eval", reason="the lmeval extra is installed by make setup")
+    _require_lm_eval()
     import lightning as L
 
     from lit_edit.editors import ROME
@@ -114,7 +122,7 @@ def test_callback_reports_before_and_after_an_edit(tokenizer, cache, tmp_path, m
 
 
 def test_unedited_cache_key_follows_the_tasks(tokenizer, tmp_path):
-    pytest.importorskip("lm_eval", reason="the lmeval extra is installed by make setup")
+    _require_lm_eval()
     from lit_edit.evaluation import Evaluator, UneditedCache
 
     task = tmp_path / "task" / "capitals.yaml"
@@ -136,7 +144,7 @@ def test_unedited_cache_key_follows_the_tasks(tokenizer, tmp_path):
 
 
 def test_relative_data_files_and_bad_task_files(tmp_path):
-    pytest.importorskip("lm_eval", reason="the lmeval extra is installed by make setup")
+    _require_lm_eval()
     from lit_edit.evaluation.harness import HarnessOptions, load_task_file
 
     cfg = load_task_file(_example())
@@ -156,7 +164,7 @@ def test_relative_data_files_and_bad_task_files(tmp_path):
 
 
 def test_settings_must_agree_with_the_protocols():
-    pytest.importorskip("lm_eval", reason="the lmeval extra is installed by make setup")
+    _require_lm_eval()
     from lit_edit.evaluation import Evaluator
 
     with pytest.raises(ValueError, match="'harness' protocol needs at least one task"):
