@@ -9,12 +9,16 @@ exactly as the fine-tuning losses see them.
 
 from __future__ import annotations
 
+import inspect
+import logging
 import math
 import re
 import string
+import sys
+import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -23,15 +27,21 @@ from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaLis
 from lit_edit.data.tokenize import IGNORE_INDEX, encode_left_padded, encode_pairs, pad_rows, shift_for_loss, target_nll
 from lit_edit.models import eval_mode, model_device
 
+log = logging.getLogger(__name__)
+
 __all__ = [
     "STOP_STRINGS",
     "StopOnStrings",
+    "Progress",
     "continuation_nll",
     "greedy_generate",
     "ngram_entropy",
     "normalize_answer",
     "perplexity",
+    "reference_greedy_generate",
+    "reference_score_pairs",
     "score_pairs",
+    "stop_token_table",
     "teacher_forced_argmax",
     "text_nll",
     "truncate_at_stop",
@@ -46,11 +56,51 @@ def _batches(n: int, batch_size: int, progress: bool, desc: str) -> Iterator[tup
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     starts = range(0, n, batch_size)
     if progress:
-        from tqdm.auto import tqdm
-
-        starts = tqdm(starts, desc=desc, total=math.ceil(n / batch_size), leave=False, disable=None)
+        starts = Progress(starts, total=math.ceil(n / batch_size), desc=desc)
     for start in starts:
         yield start, min(start + batch_size, n)
+
+
+class Progress:
+    """Progress over an iterable: a bar in a terminal, periodic log lines otherwise.
+
+    When standard error is a terminal a ``tqdm`` bar is drawn; otherwise (a log file, a
+    pipe) one ``INFO`` line of the ``lit_edit.evaluation.scoring`` logger is written at the
+    start, then at most every ``every`` seconds, and at the end, each with the count done,
+    the elapsed seconds and an estimate of the time left.
+    """
+
+    def __init__(self, iterable: Any, total: int, desc: str, every: float = 30.0):
+        self.iterable = iterable
+        self.total = total
+        self.desc = desc
+        self.every = every
+
+    def __iter__(self) -> Iterator[Any]:
+        if _is_terminal():
+            from tqdm.auto import tqdm
+
+            yield from tqdm(self.iterable, desc=self.desc, total=self.total, leave=False)
+            return
+        started = last = time.perf_counter()
+        log.info("%s: 0/%d", self.desc, self.total)
+        done = 0
+        for item in self.iterable:
+            yield item
+            done += 1
+            now = time.perf_counter()
+            if now - last >= self.every and done < self.total:
+                last = now
+                left = (now - started) / done * (self.total - done)
+                log.info("%s: %d/%d, %.0f s, about %.0f s left", self.desc, done, self.total, now - started, left)
+        log.info("%s: %d/%d done in %.1f s", self.desc, done, self.total, time.perf_counter() - started)
+
+
+def _is_terminal() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
 
 
 def _logits(model: nn.Module, batch: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
@@ -70,10 +120,111 @@ def score_pairs(
     batch_size: int = 16,
     with_argmax: bool = True,
     progress: bool = False,
+    max_batch_tokens: int = 4096,
 ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
     """One teacher-forced pass over (prompt, target) pairs.
 
     Returns the mean token NLL of each target (shape ``(N,)``, float32, CPU) and, when
+    ``with_argmax``, for each pair the argmax token ids at the target positions and the target
+    ids (both 1-D ``long`` tensors of the target's length); otherwise an empty list.
+
+    Pairs are scored sorted by length (less padding), at most ``batch_size`` per forward and,
+    beyond the first, at most ``max_batch_tokens`` padded tokens; results come back in the
+    given order. For architectures :func:`lit_edit.models.arch_for` knows, the language-model
+    head runs only at the positions that predict a target token.
+    """
+    if len(prompts) != len(targets):
+        raise ValueError(f"{len(prompts)} prompts for {len(targets)} targets")
+    if not prompts:
+        return torch.zeros(0), []
+    device = model_device(model)
+    encoded = encode_pairs(tokenizer, prompts, targets)
+    lengths = encoded["attention_mask"].sum(1).tolist()
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    groups = _length_groups(order, lengths, batch_size, max_batch_tokens)
+    head = _head_module(model)
+    nll = torch.zeros(len(prompts), dtype=torch.float32)
+    tokens: list[Optional[tuple[torch.Tensor, torch.Tensor]]] = [None] * len(prompts) if with_argmax else []
+    with eval_mode(model):
+        for group in Progress(groups, total=len(groups), desc="teacher forcing") if progress else groups:
+            index = torch.tensor(group, dtype=torch.long)
+            width = max(lengths[i] for i in group)
+            ids = encoded["input_ids"][index, :width].to(device)
+            mask = encoded["attention_mask"][index, :width].to(device)
+            labels = encoded["labels"][index, :width].to(device)
+            keep = labels[:, 1:] != IGNORE_INDEX  # the logits at t predict the label at t + 1
+            rows = keep.nonzero(as_tuple=True)[0]
+            logits = _logits_at(model, head, ids, mask, keep)  # (number of target tokens, vocab)
+            gold = labels[:, 1:][keep]
+            per_token = torch.nn.functional.cross_entropy(logits.float(), gold, reduction="none")
+            total = torch.zeros(len(group), dtype=per_token.dtype, device=per_token.device).index_add(0, rows, per_token)
+            nll[index] = (total / keep.sum(1).clamp_min(1)).float().cpu()
+            if with_argmax:
+                pred = logits.argmax(-1).cpu()
+                counts = keep.sum(1).tolist()
+                for row, pred_row, gold_row in zip(group, pred.split(counts), gold.cpu().split(counts)):
+                    tokens[row] = (pred_row, gold_row)
+    return nll, tokens  # type: ignore[return-value]
+
+
+def _length_groups(order: Sequence[int], lengths: Sequence[int], batch_size: int, max_batch_tokens: int) -> list[list[int]]:
+    """``order`` (indices sorted by ascending length) cut into batches of at most ``batch_size``
+    rows and, beyond the first row, ``max_batch_tokens`` padded tokens."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    groups: list[list[int]] = []
+    for i in order:  # ascending: the newest row is the widest of its group
+        if groups and len(groups[-1]) < batch_size and (len(groups[-1]) + 1) * lengths[i] <= max_batch_tokens:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+def _head_module(model: nn.Module) -> Optional[nn.Module]:
+    """The model's language-model head when its architecture is known (else ``None``: full logits)."""
+    from lit_edit.models import arch_for
+
+    try:
+        return model.get_submodule(arch_for(model).lm_head)
+    except (ValueError, AttributeError):
+        return None
+
+
+def _logits_at(model: nn.Module, head: Optional[nn.Module], ids: torch.Tensor, mask: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """The logits at the positions where ``keep`` (``(B, T-1)``) is true, ``(keep.sum(), vocab)``.
+
+    With a known ``head`` it sees only those positions' hidden states (a forward pre-hook
+    gathers them), so the vocabulary-sized product runs for the kept positions alone; any
+    processing of the logits after the head is the model's own.
+    """
+    if head is None:
+        return _logits(model, {"input_ids": ids, "attention_mask": mask}, ids.device)[:, :-1][keep]
+
+    def gather(_module: nn.Module, args: tuple) -> tuple:
+        hidden = args[0]
+        return (hidden[:, :-1][keep].unsqueeze(0), *args[1:])
+
+    handle = head.register_forward_pre_hook(gather)
+    try:
+        logits = _logits(model, {"input_ids": ids, "attention_mask": mask}, ids.device)
+    finally:
+        handle.remove()
+    return logits.reshape(-1, logits.shape[-1])
+
+
+@torch.no_grad()
+def reference_score_pairs(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    targets: Sequence[str],
+    batch_size: int = 16,
+    with_argmax: bool = True,
+    progress: bool = False,
+) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """:func:`score_pairs` computed plainly: batches in the given order, full logits at every
+    position. The reference the fast path is checked against; returns the mean token NLL of each target (shape ``(N,)``, float32, CPU) and, when
     ``with_argmax``, for each pair the argmax token ids at the target positions and the target
     ids (both 1-D ``long`` tensors of the target's length); otherwise an empty list.
     """
@@ -157,6 +308,40 @@ class StopOnStrings(StoppingCriteria):
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
+def _eos_ids(model: nn.Module, tokenizer: Any) -> list[int]:
+    eos = [tokenizer.eos_token_id]
+    model_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)  # e.g. Llama-3's <|eot_id|>
+    for token in [model_eos] if isinstance(model_eos, int) else list(model_eos or []):
+        if token not in eos:
+            eos.append(token)
+    return eos
+
+
+_STOP_TABLES: dict[tuple[int, int, tuple[str, ...]], torch.Tensor] = {}
+
+
+def stop_token_table(tokenizer: Any, stop_strings: Sequence[str] = STOP_STRINGS, vocab_size: Optional[int] = None) -> Optional[torch.Tensor]:
+    """A boolean table over token ids: ``True`` where the token's own text (special tokens
+    skipped) contains one of ``stop_strings``; ``None`` when a stop string is longer than one
+    character (its pieces may span tokens; generation then decodes the new text at each step).
+
+    A single character is in a sequence's decoded text exactly when it is in one of its
+    tokens' texts, so a sequence meets a stop string at the first token flagged here.
+    """
+    stops = tuple(stop_strings)
+    if any(len(stop) != 1 for stop in stops):
+        return None
+    size = max(len(tokenizer), vocab_size or 0)
+    key = (id(tokenizer), size, stops)
+    table = _STOP_TABLES.get(key)
+    if table is None:
+        texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))], skip_special_tokens=True)
+        table = torch.zeros(size, dtype=torch.bool)
+        table[: len(texts)] = torch.tensor([any(stop in text for stop in stops) for text in texts], dtype=torch.bool)
+        _STOP_TABLES[key] = table
+    return table
+
+
 @torch.no_grad()
 def greedy_generate(
     model: nn.Module,
@@ -167,7 +352,105 @@ def greedy_generate(
     stop_strings: Sequence[str] = STOP_STRINGS,
     progress: bool = False,
 ) -> list[str]:
-    """Greedy continuations of each prompt (left-padded batches, pad = EOS).
+    """Greedy continuations of each prompt.
+
+    A sequence stops at EOS, after ``max_new_tokens``, or once its new text contains one of
+    ``stop_strings``; the decoded continuation is truncated before the first stop string
+    (so ``" Paris. It is"`` gives ``" Paris"``). Pass ``stop_strings=()`` for free-running
+    text (fluency).
+
+    Prompts run sorted by length in left-padded batches of ``batch_size`` with a key/value
+    cache; a sequence leaves its batch as soon as it stops (the stop test looks up the emitted
+    token in :func:`stop_token_table`, no decoding per step), so the model computes only the
+    tokens that are kept. Results come back in the given order.
+    """
+    if not prompts:
+        return []
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    device = model_device(model)
+    eos = _eos_ids(model, tokenizer)
+    stops = tuple(stop_strings)
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    table = stop_token_table(tokenizer, stops, vocab) if stops else None
+    done_ids = torch.zeros(max(len(tokenizer), vocab or 0, max(eos) + 1), dtype=torch.bool)
+    done_ids[eos] = True
+    if table is not None:
+        done_ids[: len(table)] |= table
+    done_ids = done_ids.to(device)
+    encoded = encode_left_padded(tokenizer, prompts)
+    lengths = encoded["attention_mask"].sum(1).tolist()
+    order = sorted(range(len(prompts)), key=lambda i: lengths[i])
+    groups = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    out: list[str] = [""] * len(prompts)
+    with eval_mode(model):
+        for group in Progress(groups, total=len(groups), desc="generating") if progress else groups:
+            width = max(lengths[i] for i in group)
+            index = torch.tensor(group, dtype=torch.long)
+            ids = encoded["input_ids"][index, -width:].to(device)
+            mask = encoded["attention_mask"][index, -width:].to(device)
+            new = _greedy_rows(model, tokenizer, ids, mask, max_new_tokens, done_ids, stops if table is None else ())
+            for row, tokens in zip(group, new):
+                text = tokenizer.decode(tokens, skip_special_tokens=True)
+                out[row] = truncate_at_stop(text, stops) if stops else text
+    return out
+
+
+def _greedy_rows(
+    model: nn.Module,
+    tokenizer: Any,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    max_new_tokens: int,
+    done_ids: torch.Tensor,
+    decode_stops: tuple[str, ...],
+) -> list[list[int]]:
+    """The new token ids of each left-padded row, greedy with a key/value cache. A row ends
+    with (and includes) the token that stops it: one in ``done_ids``, or the one after which
+    its decoded text holds one of ``decode_stops``, or the ``max_new_tokens``-th; a row that
+    ended leaves the batch (its cache rows are dropped)."""
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    cache = getattr(out, "cache", None)
+    if cache is None:
+        cache = out.past_key_values
+    live = list(range(ids.shape[0]))
+    new: list[list[int]] = [[] for _ in live]
+    last = positions[:, -1]
+    for step in range(max_new_tokens):
+        token = out.logits[:, -1].float().argmax(-1)
+        ended = done_ids[token]
+        for row, t in zip(live, token.tolist()):
+            new[row].append(t)
+        if decode_stops:
+            texts = tokenizer.batch_decode([new[row] for row in live], skip_special_tokens=True)
+            ended = ended | torch.tensor([any(s in x for s in decode_stops) for x in texts], device=ended.device)
+        if step + 1 == max_new_tokens or bool(ended.all()):
+            break
+        if bool(ended.any()):
+            keep = (~ended).nonzero(as_tuple=True)[0]
+            cache.batch_select_indices(keep)
+            mask, last, token = mask[keep], last[keep], token[keep]
+            live = [live[i] for i in keep.tolist()]
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        last = last + 1
+        out = model(input_ids=token[:, None], attention_mask=mask, position_ids=last[:, None], use_cache=True, **{cache_arg: cache})
+    return new
+
+
+@torch.no_grad()
+def reference_greedy_generate(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    max_new_tokens: int = 32,
+    batch_size: int = 16,
+    stop_strings: Sequence[str] = STOP_STRINGS,
+    progress: bool = False,
+) -> list[str]:
+    """:func:`greedy_generate` computed plainly with ``model.generate`` and a stopping criterion
+    that decodes every sequence at every step. The reference the fast path is checked against.
 
     A sequence stops at EOS, after ``max_new_tokens``, or once its new text contains one of
     ``stop_strings``; the decoded continuation is truncated before the first stop string

@@ -1,0 +1,151 @@
+"""The evaluation fast path (length-sorted teacher forcing with the head at target positions,
+cached greedy generation with a token-table stop rule) gives the figures of the plain reference
+computation: ``reference_score_pairs`` / ``reference_greedy_generate`` (batches in the given
+order, full logits, ``model.generate`` with a stopping criterion that decodes every step)."""
+
+from __future__ import annotations
+
+import logging
+import random
+
+import pytest
+import torch
+from helpers import make_tiny_llama
+
+from lit_edit.evaluation import Evaluator
+from lit_edit.evaluation import evaluator as evaluator_module
+from lit_edit.evaluation.scoring import (
+    Progress,
+    StopOnStrings,
+    greedy_generate,
+    reference_greedy_generate,
+    reference_score_pairs,
+    score_pairs,
+    stop_token_table,
+)
+
+PROMPTS = [
+    "The Eiffel Tower is located in the city of",
+    "Apple was founded by",
+    "The capital of Japan is",
+    "Danielle Darrieux grew up speaking the language of her home country, which is",
+    "x",
+    "The mother tongue of Danielle Darrieux is",
+    "Where is the Eiffel Tower? It stands in",
+]
+TARGETS = ["Rome", "Bill Gates", "Tokyo", "French, of course", "y", "Hüttenwerk-Oberhausen.com", "the 7th arrondissement"]
+
+
+@pytest.fixture
+def model(tokenizer):
+    return make_tiny_llama(len(tokenizer), seed=3)
+
+
+def test_score_pairs_matches_the_reference(model, tokenizer):
+    """Multi-token targets, prompts of very different lengths, batches that cut the sorted order."""
+    prompts, targets = PROMPTS * 3, TARGETS[1:] + TARGETS * 2 + TARGETS[:1]
+    assert any(len(tokenizer(" " + t, add_special_tokens=False)["input_ids"]) > 3 for t in targets)
+    for batch_size in (1, 3, 16):
+        nll, tokens = score_pairs(model, tokenizer, prompts, targets, batch_size)
+        ref_nll, ref_tokens = reference_score_pairs(model, tokenizer, prompts, targets, batch_size)
+        assert nll.shape == ref_nll.shape == (len(prompts),)
+        torch.testing.assert_close(nll, ref_nll, rtol=1e-6, atol=1e-6)
+        assert len(tokens) == len(ref_tokens)
+        for (pred, gold), (ref_pred, ref_gold) in zip(tokens, ref_tokens):
+            assert torch.equal(gold, ref_gold) and torch.equal(pred, ref_pred)
+
+
+def test_score_pairs_without_a_known_head_uses_full_logits(model, tokenizer, monkeypatch):
+    from lit_edit.evaluation import scoring
+
+    monkeypatch.setattr(scoring, "_head_module", lambda m: None)
+    nll, tokens = score_pairs(model, tokenizer, PROMPTS, TARGETS, 4)
+    ref_nll, ref_tokens = reference_score_pairs(model, tokenizer, PROMPTS, TARGETS, 4)
+    torch.testing.assert_close(nll, ref_nll, rtol=1e-6, atol=1e-6)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(tokens, ref_tokens))
+    assert score_pairs(model, tokenizer, [], []) [0].numel() == 0
+
+
+def _step_of_first_stop(tokenizer, ids, stops):
+    """The old rule: the first step after which the decoded new text holds a stop string."""
+    for step in range(1, len(ids) + 1):
+        text = tokenizer.decode(ids[:step], skip_special_tokens=True)
+        if any(s in text for s in stops):
+            return step
+    return None
+
+
+def test_stop_table_flags_the_step_the_decoding_rule_stops_at(tokenizer):
+    table = stop_token_table(tokenizer)
+    assert table is not None and table.dtype == torch.bool and len(table) >= len(tokenizer)
+    dot_inside = [i for i in range(len(tokenizer)) if "." in tokenizer.decode([i])[1:-1]]
+    assert dot_inside and all(table[i] for i in dot_inside)  # a stop character in the middle of a token
+    assert not table[tokenizer.eos_token_id]  # EOS stops through the EOS ids, not the text
+    rng = random.Random(0)
+    flagged = table.nonzero().flatten().tolist()
+    for _ in range(300):
+        ids = [rng.randrange(len(tokenizer)) for _ in range(6)]
+        if rng.random() < 0.5:
+            ids[rng.randrange(6)] = rng.choice(flagged + dot_inside)
+        first = next((k + 1 for k, i in enumerate(ids) if table[i]), None)
+        assert first == _step_of_first_stop(tokenizer, ids, (".", "\n"))
+        # the old criterion, applied as a batch at that step, agrees
+        width = 2
+        batch = torch.tensor([[0] * width + ids])
+        if first is not None:
+            assert bool(StopOnStrings(tokenizer, width)(batch[:, : width + first])[0])
+    assert stop_token_table(tokenizer, ("\n\n",)) is None  # a multi-character stop string: decoded each step
+
+
+def _generations_agree(model, tokenizer, prompts, **kwargs):
+    fast = greedy_generate(model, tokenizer, prompts, **kwargs)
+    ref = reference_greedy_generate(model, tokenizer, prompts, **kwargs)
+    assert fast == ref
+    return fast
+
+
+def test_greedy_generate_matches_the_reference(model, tokenizer):
+    for batch_size in (1, 3, 8):
+        texts = _generations_agree(model, tokenizer, PROMPTS, max_new_tokens=12, batch_size=batch_size)
+    _generations_agree(model, tokenizer, PROMPTS, max_new_tokens=12, batch_size=4, stop_strings=())  # free running
+    _generations_agree(model, tokenizer, PROMPTS, max_new_tokens=6, batch_size=4, stop_strings=(", ", "th"))  # decoded rule
+    assert greedy_generate(model, tokenizer, []) == []
+    assert any(texts)
+
+
+def test_greedy_generate_stops_mid_token_and_at_a_first_eos(model, tokenizer):
+    free = reference_greedy_generate(model, tokenizer, PROMPTS, max_new_tokens=6, batch_size=4, stop_strings=())
+    # a stop character taken from the middle of a token some prompt generates
+    pieces = [tokenizer.decode([i]).strip() for text in free for i in tokenizer(text, add_special_tokens=False)["input_ids"]]
+    middle = next((t[len(t) // 2] for t in pieces if len(t) >= 3 and not t[len(t) // 2].isspace()), None)
+    assert middle is not None, free
+    texts = _generations_agree(model, tokenizer, PROMPTS, max_new_tokens=6, batch_size=4, stop_strings=(middle,))
+    assert all(middle not in t for t in texts)
+    # EOS first: the first token a prompt generates declared an end-of-sequence id of the model
+    first = model(**tokenizer(PROMPTS[1], return_tensors="pt")).logits[0, -1].argmax().item()
+    model.generation_config.eos_token_id = [first]
+    texts = _generations_agree(model, tokenizer, PROMPTS, max_new_tokens=6, batch_size=3, stop_strings=(middle,))
+    assert texts[1] == tokenizer.decode([first], skip_special_tokens=True).split(middle)[0]  # that one token, cut
+
+
+def test_evaluator_figures_match_the_reference_functions(model, tokenizer, requests, monkeypatch):
+    evaluator = Evaluator(batch_size=2, max_new_tokens=8, ppl_corpus=PROMPTS * 2, ppl_texts=10)
+    fast = evaluator.evaluate(model, tokenizer, requests)
+    monkeypatch.setattr(evaluator_module, "score_pairs", reference_score_pairs)
+    monkeypatch.setattr(evaluator_module, "greedy_generate", reference_greedy_generate)
+    ref = evaluator.evaluate(model, tokenizer, requests)
+    assert fast.figures.keys() == ref.figures.keys() and len(fast.figures) >= 10
+    for name, value in ref.figures.items():
+        assert fast.figures[name] == pytest.approx(value, rel=1e-6, abs=1e-9), name
+    assert fast.reference.locality_generations == ref.reference.locality_generations
+    assert all(torch.equal(fast.reference.locality_argmax[k], v) for k, v in ref.reference.locality_argmax.items())
+
+
+def test_progress_logs_lines_when_not_a_terminal(caplog, monkeypatch):
+    from lit_edit.evaluation import scoring
+
+    monkeypatch.setattr(scoring, "_is_terminal", lambda: False)
+    with caplog.at_level(logging.INFO, logger="lit_edit.evaluation.scoring"):
+        assert list(Progress(range(5), total=5, desc="scoring things", every=0.0)) == list(range(5))
+    lines = [r.getMessage() for r in caplog.records if "scoring things" in r.getMessage()]
+    assert lines[0] == "scoring things: 0/5" and "5/5 done" in lines[-1] and len(lines) >= 3
