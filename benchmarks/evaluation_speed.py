@@ -61,9 +61,9 @@ def run(args) -> dict:
     Evaluator._teacher_forced = _timed(phases, "teacher_forced (probability + token_accuracy)", Evaluator._teacher_forced)
     Evaluator._generation = _timed(phases, "generation", Evaluator._generation)
     evaluator_module.text_nll = _timed(phases, "perplexity", evaluator_module.text_nll)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     result = evaluator.evaluate(model, tokenizer, requests)
-    seconds = time.perf_counter() - t0
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
     ref = result.reference
     record = {
         "lit_edit": str(Path(lit_edit.__file__).resolve().parent.parent),
@@ -75,6 +75,8 @@ def run(args) -> dict:
         "n": len(requests),
         "protocols": list(evaluator.protocols),
         "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
+        "load_average": os.getloadavg(),
         "phases": phases,
         "figures": result.figures,
         "reference": {
@@ -83,7 +85,7 @@ def run(args) -> dict:
         },
     }
     print(f"lit_edit from {record['lit_edit']}; {record['machine']}, {record['threads']} threads, {args.dtype}")
-    print(f"{len(requests)} requests, protocols {','.join(evaluator.protocols)}: {seconds:.1f} s")
+    print(f"{len(requests)} requests, protocols {','.join(evaluator.protocols)}: {seconds:.1f} s wall, {cpu_seconds:.1f} s CPU")
     for name, s in phases.items():
         print(f"  {name:<48} {s:8.1f} s")
     for name, value in sorted(result.figures.items()):
@@ -110,7 +112,12 @@ def compare(a_path: str, b_path: str) -> dict:
     print(f"largest figure difference: {worst:.3e}")
     print(f"locality generations that differ: {len(gen_diff)} of {len(ra['locality_generations'])}")
     print(f"locality argmax rows that differ: {len(arg_diff)} of {len(ra['locality_argmax'])}")
-    print(f"time: A {a['seconds']:.1f} s, B {b['seconds']:.1f} s, A/B = {a['seconds'] / b['seconds']:.2f}x")
+    print(f"wall: A {a['seconds']:.1f} s, B {b['seconds']:.1f} s, A/B = {a['seconds'] / b['seconds']:.2f}x")
+    if "cpu_seconds" in a and "cpu_seconds" in b:
+        print(f"CPU: A {a['cpu_seconds']:.1f} s, B {b['cpu_seconds']:.1f} s, A/B = {a['cpu_seconds'] / b['cpu_seconds']:.2f}x")
+    for name in a["phases"]:
+        if name in b["phases"]:
+            print(f"  {name}: A {a['phases'][name]:.1f} s, B {b['phases'][name]:.1f} s, A/B = {a['phases'][name] / b['phases'][name]:.2f}x")
     return {"max_figure_diff": worst, "generations_differ": len(gen_diff), "argmax_differ": len(arg_diff)}
 
 

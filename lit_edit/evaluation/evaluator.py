@@ -43,7 +43,11 @@ from lit_edit.evaluation.scoring import greedy_generate, ngram_entropy, normaliz
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Evaluation", "EvaluationReference", "Evaluator", "UneditedCache", "as_requests", "evaluate"]
+__all__ = ["GENERATION_BATCH_FACTOR", "Evaluation", "EvaluationReference", "Evaluator", "UneditedCache", "as_requests", "evaluate"]
+
+
+GENERATION_BATCH_FACTOR = 4
+"""A generation batch holds this many times the evaluator's ``batch_size`` prompts."""
 
 
 @dataclass
@@ -99,7 +103,9 @@ class Evaluator:
         protocols: any of ``probability``, ``token_accuracy``, ``generation``, ``perplexity``,
             ``fluency`` (64-token generations from the edit prompts) and ``harness``
             (lm-evaluation-harness tasks, :mod:`lit_edit.evaluation.harness`).
-        batch_size: prompts per forward / generation batch.
+        batch_size: prompts per forward; a generation batch holds :data:`GENERATION_BATCH_FACTOR`
+            times as many (sequences leave it as they finish, so a wide batch keeps each step's
+            products large).
         max_new_tokens: generation budget of the exact-match protocol.
         ppl_corpus: perplexity text: ``wiki`` (offline Wikipedia, held-out split), a
             ``.txt``/``.json``/``.jsonl`` file, a list of strings, or a hub dataset name.
@@ -137,6 +143,11 @@ class Evaluator:
         other.__dict__.update(self.__dict__)
         other.protocols = check_protocols(protocols)
         return other
+
+    @property
+    def generation_batch_size(self) -> int:
+        """Prompts per generation batch."""
+        return GENERATION_BATCH_FACTOR * self.batch_size
 
     @property
     def needs_requests(self) -> bool:
@@ -214,7 +225,9 @@ class Evaluator:
         if "generation" in self.protocols:
             figures.update(self._generation(model, tokenizer, mine, ref, made))
         if "fluency" in self.protocols:
-            texts = greedy_generate(model, tokenizer, [r.prompt for r in mine], FLUENCY_TOKENS, self.batch_size, stop_strings=(), progress=True)
+            texts = greedy_generate(
+                model, tokenizer, [r.prompt for r in mine], FLUENCY_TOKENS, self.generation_batch_size, stop_strings=(), progress=True
+            )
             metric = _mean_metric()
             metric.update(torch.tensor([ngram_entropy(t) for t in texts], dtype=torch.float64))
             figures["fluency/ngram_entropy"] = metric.compute()
@@ -242,11 +255,11 @@ class Evaluator:
         ref = EvaluationReference(num_requests=len(requests) if num_requests is None else num_requests)
         pairs = list(dict.fromkeys((x.prompt, x.answer) for r in requests for x in r.locality))
         if "token_accuracy" in self.protocols and pairs:
-            _, tokens = score_pairs(model, tokenizer, [p for p, _ in pairs], [a for _, a in pairs], self.batch_size)
+            _, tokens = score_pairs(model, tokenizer, [p for p, _ in pairs], [a for _, a in pairs], self.batch_size, progress=True)
             ref.locality_argmax.update({pair: pred for pair, (pred, _) in zip(pairs, tokens)})
         if "generation" in self.protocols and pairs:
             prompts = list(dict.fromkeys(p for p, _ in pairs))
-            texts = greedy_generate(model, tokenizer, prompts, self.max_new_tokens, self.batch_size)
+            texts = greedy_generate(model, tokenizer, prompts, self.max_new_tokens, self.generation_batch_size, progress=True)
             ref.locality_generations.update(zip(prompts, texts))
         return ref
 
@@ -322,7 +335,7 @@ class Evaluator:
         for r in requests:
             for p in (r.prompt, *r.paraphrase_prompts, *(x.prompt for x in r.locality), *(x.prompt for x in r.portability)):
                 prompts.setdefault(p, len(prompts))
-        texts = greedy_generate(model, tokenizer, list(prompts), self.max_new_tokens, self.batch_size, progress=True)
+        texts = greedy_generate(model, tokenizer, list(prompts), self.max_new_tokens, self.generation_batch_size, progress=True)
         gen = dict(zip(prompts, texts))
         if made is not None:
             made.locality_generations.update({x.prompt: gen[x.prompt] for r in requests for x in r.locality})
