@@ -20,6 +20,7 @@ _EXPORTS = {
     "ROME": "lit_edit.editors",
     "MEMIT": "lit_edit.editors",
     "EMMET": "lit_edit.editors",
+    "AlphaEdit": "lit_edit.editors",
     "EditEvaluation": "lit_edit.evaluation",
     "Evaluator": "lit_edit.evaluation",
     "evaluate": "lit_edit.evaluation",

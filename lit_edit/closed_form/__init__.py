@@ -1,8 +1,8 @@
-"""Shared locate-and-edit machinery (ROME, MEMIT, EMMET): fact tokens, context templates,
+"""Shared locate-and-edit machinery (ROME, MEMIT, EMMET, AlphaEdit): fact tokens, context templates,
 keys, the v*/z optimisation and the closed-form solves — written once, used by every editor."""
 
 from lit_edit.closed_form.keys import block_outputs_at, keys_at, mlp_out_module, projection_weight, template_average
-from lit_edit.closed_form.solve import apply_update, emmet_solve, memit_solve, rome_solve
+from lit_edit.closed_form.solve import alphaedit_solve, apply_update, emmet_solve, memit_solve, nullspace_projection, rome_solve
 from lit_edit.closed_form.tokens import (
     MEMIT_TEMPLATES,
     ROME_TEMPLATES,
@@ -22,6 +22,7 @@ __all__ = [
     "TemplateSpec",
     "ValueResult",
     "ValueSettings",
+    "alphaedit_solve",
     "apply_update",
     "block_outputs_at",
     "emmet_solve",
@@ -31,6 +32,7 @@ __all__ = [
     "keys_at",
     "memit_solve",
     "mlp_out_module",
+    "nullspace_projection",
     "optimize_values",
     "projection_weight",
     "rome_solve",

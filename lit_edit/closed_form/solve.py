@@ -14,7 +14,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-__all__ = ["rome_solve", "memit_solve", "emmet_solve", "apply_update"]
+__all__ = ["alphaedit_solve", "apply_update", "emmet_solve", "memit_solve", "nullspace_projection", "rome_solve"]
 
 
 def _f64(x: torch.Tensor) -> torch.Tensor:
@@ -89,6 +89,54 @@ def emmet_solve(
         log.warning("EMMET: D is singular (cond %.3g); using the pseudo-inverse", cond)
         X = torch.linalg.pinv(D) @ A.T
     return R64 @ X, cond
+
+
+@torch.autocast("cpu", enabled=False)
+def nullspace_projection(C: torch.Tensor, threshold: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """AlphaEdit's projection ``P = U₀ U₀ᵀ`` onto the eigenvectors of ``C`` (``E[k kᵀ]`` of the
+    preserved keys) whose eigenvalues are below ``threshold``: an update ``Δ = Δ P`` leaves
+    ``Δ k`` = 0 for every ``k`` in the span of the other eigenvectors.
+
+    Returns ``(P, info)`` with ``info`` = ``nullspace_dim`` (rank of ``P``) and
+    ``nullspace_energy`` (the share of ``tr C`` that lies in the projected subspace, i.e. how much
+    of the preserved keys' energy an update may still touch). Raises ``ValueError`` when no
+    eigenvalue is below the threshold (``P = 0`` could write nothing).
+    """
+    C64 = _f64(C)
+    C64 = (C64 + C64.T) / 2
+    evals, evecs = torch.linalg.eigh(C64)
+    small = evals < threshold
+    n = int(small.sum())
+    if n == 0:
+        raise ValueError(
+            f"nullspace_threshold {threshold:g} is below every eigenvalue of the key statistics "
+            f"(smallest {float(evals.min()):.3g}): the projection would be zero; raise nullspace_threshold"
+        )
+    U = evecs[:, small]
+    energy = float(evals[small].clamp_min(0).sum() / evals.clamp_min(0).sum().clamp_min(1e-300))
+    return U @ U.T, {"nullspace_dim": float(n), "nullspace_energy": energy}
+
+
+@torch.autocast("cpu", enabled=False)
+def alphaedit_solve(
+    K: torch.Tensor, R: torch.Tensor, P: torch.Tensor, prior: Optional[torch.Tensor], ridge: float
+) -> tuple[torch.Tensor, float]:
+    """AlphaEdit's projected update ``Δ = X ᵀ`` with
+    ``(P (K Kᵀ + K_p K_pᵀ) + ridge·I) X = P K Rᵀ``.
+
+    ``prior`` is ``K_p K_pᵀ`` (``d_in × d_in``), the keys of earlier edits (``None``: no earlier
+    edit). ``X = P X`` holds exactly (``X = P (K Rᵀ − M X) / ridge``), so ``Δ P = Δ``: the
+    update is zero on the preserved keys' span. Returns ``(Δ, cond)`` with ``cond`` the
+    condition number of the system matrix.
+    """
+    K64, R64, P64 = _f64(K), _f64(R), _f64(P).to(K.device)
+    M = K64 @ K64.T
+    if prior is not None:
+        M = M + _f64(prior).to(K64.device)
+    A = P64 @ M + ridge * torch.eye(M.shape[0], dtype=torch.float64, device=K64.device)
+    X = torch.linalg.solve(A, P64 @ K64 @ R64.T)  # d_in × d_out
+    cond = float(torch.linalg.cond(A))
+    return X.T, cond
 
 
 @torch.no_grad()

@@ -8,7 +8,7 @@ Layout (one directory per model, one file per editor)::
         <model>/<editor>.yaml         that model's settings for that editor
 
 ``<editor>`` is the editor's hub key (:data:`EDITOR_CLASSES`: ``rome``, ``memit``, ``emmet``,
-``locft_bf``, ``depth_first_ft``). Every key of an editor file is an argument of that editor's
+``alphaedit``, ``locft_bf``, ``depth_first_ft``). Every key of an editor file is an argument of that editor's
 ``__init__``; the settings groups of the closed-form editors are nested mappings
 (``values: {steps: 25}``), exactly as in a recipe's ``model:`` section.
 
@@ -75,6 +75,7 @@ EDITOR_CLASSES: dict[str, str] = {
     "rome": "lit_edit.editors.rome.ROME",
     "memit": "lit_edit.editors.memit.MEMIT",
     "emmet": "lit_edit.editors.emmet.EMMET",
+    "alphaedit": "lit_edit.editors.alphaedit.AlphaEdit",
     "locft_bf": "lit_edit.editors.finetune.LocFTBF",
     "depth_first_ft": "lit_edit.editors.finetune.DepthFirstFT",
 }

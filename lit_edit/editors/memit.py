@@ -38,6 +38,10 @@ class MEMIT(ClosedFormEditor):
         """The layer update ``Δ`` (``d_out × d_in``) for keys ``K`` (``d_in × E``) and residuals ``R``."""
         return memit_solve(K, R, C, self.update_weight()), {}
 
+    def solve_layer(self, layer: int, K: torch.Tensor, R: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """The update of ``layer``: :meth:`solve` with that layer's key statistics."""
+        return self.solve(K, R, self.key_statistics(layer))
+
     def target_values(self, requests: list[EditRequest]):
         """z for every request at the last edited block, optimised ``values.batch_size`` at a time."""
         layers = self.edit_layers
@@ -105,7 +109,7 @@ class MEMIT(ClosedFormEditor):
             K = keys_at(self.model, self.tokenizer, requests, layer, groups, arch=self.arch)  # (E, d_in)
             cur = block_outputs_at(self.model, self.tokenizer, requests, layers[-1], arch=self.arch)
             R = (Z - cur) / (len(layers) - i)  # (E, d_out)
-            delta, extra = self.solve(K.T, R.T, self.key_statistics(layer))
+            delta, extra = self.solve_layer(layer, K.T, R.T)
             size = self.write_update(layer, delta, requests)
             diag["update_ratio"] = max(diag["update_ratio"], size.ratio)
             diag["update_norm"] += float(delta.norm())
