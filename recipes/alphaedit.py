@@ -1,4 +1,4 @@
-"""AlphaEdit (docs/methods.md §2.9): MEMIT's update projected onto the null space of the
+"""AlphaEdit (docs/methods.md §2.11): MEMIT's update projected onto the null space of the
 preserved keys, with the keys of earlier batches kept; the sequential-batched baseline.
 
     python recipes/alphaedit.py                                         # demo edits, 3 sequential batches of 8
