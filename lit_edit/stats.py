@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -30,7 +31,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from lit_edit.closed_form.hooks import forward_until
+from lit_edit.closed_form.hooks import StopForward, forward_until
 from lit_edit.data.tokenize import pad_rows
 from lit_edit.distributed import all_reduce_sum, gather_objects, rank_and_world_size
 from lit_edit.io import atomic_write, cache_root
@@ -38,7 +39,15 @@ from lit_edit.models import arch_for, eval_mode, model_identity, resolve_dtype, 
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SecondMoment", "StatsKey", "accumulate_second_moment", "second_moment", "stats_path"]
+__all__ = [
+    "SecondMoment",
+    "StatsKey",
+    "accumulate_second_moment",
+    "accumulate_second_moments",
+    "second_moment",
+    "second_moments",
+    "stats_path",
+]
 
 
 @dataclass(frozen=True)
@@ -56,9 +65,24 @@ class StatsKey:
     n_samples: int
     max_length: int
     dtype: str
+    """The accumulation dtype (and of the stored ``mom2``)."""
+    products: Optional[str] = None
+    """The dtype of each batch's ``kᵀk`` product when it differs from ``dtype`` (``float32``
+    products summed in ``float64``: :func:`accumulate_second_moments`); ``None``: the products
+    are computed in ``dtype`` itself (:func:`accumulate_second_moment`)."""
+
+    def as_dict(self) -> dict[str, Any]:
+        """The key's fields (``products`` left out when ``None``, so keys without it keep their digest)."""
+        return _key_dict(asdict(self))
 
     def digest(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:24]
+        return hashlib.sha256(json.dumps(self.as_dict(), sort_keys=True).encode()).hexdigest()[:24]
+
+
+def _key_dict(fields: Any) -> Any:
+    if isinstance(fields, dict) and fields.get("products", "") is None:
+        fields = {k: v for k, v in fields.items() if k != "products"}
+    return fields
 
 
 @dataclass
@@ -116,6 +140,80 @@ def accumulate_second_moment(
     return total.cpu(), count
 
 
+@torch.no_grad()
+def accumulate_second_moments(
+    model: nn.Module,
+    modules: Sequence[nn.Module],
+    rows: list[list[int]],
+    pad_id: int,
+    dtype: torch.dtype = torch.float64,
+    products: torch.dtype = torch.float32,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> tuple[list[torch.Tensor], int]:
+    """``([Σ k kᵀ for each module], number of keys)`` over the non-padding tokens of ``rows``,
+    where ``k`` is the input of each of ``modules``, all from one forward per batch.
+
+    Every module is hooked at once and each forward stops as soon as the last of them has seen
+    its input (the blocks above the highest one never run). Each batch's ``kᵀk`` is one GEMM in
+    ``products`` (``float32``: the compute speed of a float32 model) and is added to a running
+    total in ``dtype`` (``float64``), so rounding stays within one batch. Inside a DDP run every
+    process must call it: each accumulates its share of the rows (every N-th) and the sums are
+    all-reduced.
+    """
+    modules = list(modules)
+    if not modules:
+        raise ValueError("accumulate_second_moments needs at least one module")
+    if len({id(m) for m in modules}) != len(modules):
+        raise ValueError("accumulate_second_moments got the same module twice")
+    device = next(model.parameters()).device
+    rank, world = rank_and_world_size()
+    rows = rows[rank::world]
+    totals = [torch.zeros(_input_dim(m), _input_dim(m), dtype=dtype, device=device) for m in modules]
+    count = 0
+    got: dict[int, torch.Tensor] = {}
+
+    def hook_for(index: int):
+        def hook(_module: nn.Module, args: tuple, kwargs: dict):
+            got[index] = args[0] if args else next(iter(kwargs.values()))
+            if len(got) == len(modules):
+                raise StopForward
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(hook_for(i), with_kwargs=True) for i, m in enumerate(modules)]
+    groups = range(0, len(rows), batch_size)
+    if progress:
+        from lit_edit.evaluation.scoring import Progress
+
+        groups = Progress(groups, total=-(-len(rows) // batch_size), desc=f"key statistics ({len(modules)} modules)")
+    try:
+        with eval_mode(model):
+            for start in groups:
+                ids, mask = (t.to(device) for t in pad_rows(rows[start : start + batch_size], pad_id))
+                got.clear()
+                try:
+                    model(input_ids=ids, attention_mask=mask, use_cache=False)
+                except StopForward:
+                    pass
+                if len(got) != len(modules):
+                    raise RuntimeError(f"the forward pass of {type(model).__name__} never reached {len(modules) - len(got)} of the hooked modules")
+                keep = mask.bool()
+                for i, total in enumerate(totals):
+                    k = got[i][keep].to(products)
+                    total += (k.T @ k).to(dtype)
+                count += int(keep.sum())
+                got.clear()
+    finally:
+        for handle in handles:
+            handle.remove()
+    if world > 1:
+        for total in totals:
+            all_reduce_sum(total)
+        count = int(all_reduce_sum(torch.tensor([count], dtype=torch.float64, device=device)).item())
+    return [t.cpu() for t in totals], count
+
+
 def _check_second_moment(data: Any, key: StatsKey, d_in: int) -> str:
     """Why a cached (or just computed) statistic is unusable, or ``""`` when it is sound."""
     if not isinstance(data, dict) or not isinstance(data.get("mom2"), torch.Tensor):
@@ -141,7 +239,7 @@ def _read_cache(path: Path, key: StatsKey, d_in: int) -> tuple[Optional[dict[str
         return None, ""
     try:
         stored = json.loads(sidecar.read_text())
-        if not isinstance(stored, dict) or stored.get("key") != asdict(key):
+        if not isinstance(stored, dict) or _key_dict(stored.get("key")) != key.as_dict():
             return None, "its sidecar does not match the key"
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # any damage: truncated, missing half, unreadable, not a tensor file
@@ -174,6 +272,7 @@ def second_moment(
     model_name: Optional[str] = None,
     revision: Optional[str] = None,
     progress: bool = True,
+    products: Union[str, torch.dtype, None] = None,
 ) -> SecondMoment:
     """``E[k kᵀ]`` of the inputs of ``module`` in block ``layer`` over a text corpus (cached).
 
@@ -185,10 +284,54 @@ def second_moment(
         dtype: accumulation dtype, ``float64`` (default) or ``float32``.
         model_name: the model name in the cache key (default :func:`lit_edit.models.model_identity`);
             the key also holds a fingerprint of the weights, so a name is never trusted alone.
-        progress: show a progress bar over the text batches.
+        progress: show progress over the text batches.
+        products: dtype of each batch's ``kᵀk`` (see :func:`second_moments`); ``None``
+            (default): ``dtype`` itself, the plain per-layer computation.
 
     Raises ``ValueError`` for bad options, and when the computed statistic is unusable (no
     tokens, NaN or inf keys, all keys zero): such a layer cannot be edited with key statistics.
+    """
+    return second_moments(
+        model, tokenizer, [layer], module, corpus, n_samples, max_length, dtype, products, batch_size, split, text_field,
+        cache, cache_dir, model_name, revision, progress,
+    )[int(layer)]
+
+
+def second_moments(
+    model: nn.Module,
+    tokenizer: Any,
+    layers: Sequence[int],
+    module: Optional[str] = None,
+    corpus: Any = "wiki:train",
+    n_samples: int = 1000,
+    max_length: int = 256,
+    dtype: Union[str, torch.dtype] = "float64",
+    products: Union[str, torch.dtype, None] = "float32",
+    batch_size: int = 8,
+    split: str = "train",
+    text_field: str = "text",
+    cache: bool = True,
+    cache_dir: Optional[Path] = None,
+    model_name: Optional[str] = None,
+    revision: Optional[str] = None,
+    progress: bool = True,
+) -> dict[int, SecondMoment]:
+    """``{layer: E[k kᵀ]}`` of the inputs of ``module`` in each of ``layers`` (cached per layer).
+
+    Layers whose cache file is sound are read from disk; the others are computed together, in
+    one pass over the corpus (:func:`accumulate_second_moments`: one forward per batch feeds
+    every layer and stops after the highest), and each is written to its own cache file.
+
+    Args:
+        dtype: accumulation dtype (and of the result), ``float64`` (default) or ``float32``.
+        products: dtype of each batch's ``kᵀk`` GEMM, ``float32`` (default) or ``float64``, not
+            wider than ``dtype``. When it differs from ``dtype`` the cache key records it
+            (``products``), so these statistics never share a file with ones whose products
+            were computed in ``dtype``. ``None``: ``dtype`` itself, computed layer by layer with
+            :func:`accumulate_second_moment` (the plain reference path).
+
+    The other arguments are those of :func:`second_moment`. Raises ``ValueError`` for bad
+    options and for an unusable statistic, as :func:`second_moment` does.
     """
     from lit_edit.data.corpus import corpus_name, corpus_version, load_texts
 
@@ -196,57 +339,88 @@ def second_moment(
         raise ValueError(f"n_samples (the number of statistics texts) must be an integer >= 1, got {n_samples!r}")
     if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
         raise ValueError(f"max_length (tokens per statistics text) must be an integer >= 2, got {max_length!r}")
+    layers = list(dict.fromkeys(int(layer) for layer in layers))
+    if not layers:
+        raise ValueError("second_moments needs at least one layer")
     arch = arch_for(model)
     module = module or arch.mlp_out
     acc = resolve_dtype(dtype)
     if acc not in (torch.float32, torch.float64):
         raise ValueError(f"statistics accumulate in float32 or float64, not {dtype}")
-    hooked = f"{arch.layer_name(layer)}.{module}"
-    d_in = _input_dim(model.get_submodule(hooked))
-    key = StatsKey(
-        model=model_name or model_identity(model),
+    prod = acc if products is None else resolve_dtype(products)
+    if prod not in (torch.float32, torch.float64) or prod.itemsize > acc.itemsize:
+        raise ValueError(f"statistics products are float32 or float64 and not wider than the accumulation ({dtype}), not {products}")
+    hooked = {layer: f"{arch.layer_name(layer)}.{module}" for layer in layers}
+    dims = {layer: _input_dim(model.get_submodule(hooked[layer])) for layer in layers}
+    name = model_name or model_identity(model)
+    common = dict(
+        model=name,
         revision=revision,
-        weights=weights_fingerprint(model, int(layer), exclude=hooked),
-        layer=int(layer),
         module=module,
         corpus=corpus_name(corpus) if not isinstance(corpus, str) else corpus,
         corpus_version=corpus_version(corpus, split),
         n_samples=int(n_samples),
         max_length=int(max_length),
         dtype=str(acc).replace("torch.", ""),
+        products=None if prod == acc else str(prod).replace("torch.", ""),
     )
-    path = stats_path(key, cache_dir)
-    sidecar = path.with_suffix(".json")
+    keys = {
+        layer: StatsKey(weights=weights_fingerprint(model, layer, exclude=hooked[layer]), layer=layer, **common)
+        for layer in layers
+    }
+    out: dict[int, SecondMoment] = {}
     if cache:
-        data, why = _read_cache(path, key, d_in)
-        if rank_and_world_size()[1] > 1 and not all(gather_objects(data is not None)):
-            data, why = None, ""  # some process cannot read it: all compute together (a collective)
-        if data is not None:
-            log.info("reusing cached statistics %s (layer %d %s, %d tokens): %s", key.model, layer, module, int(data["count"]), path)
-            return SecondMoment(mom2=data["mom2"], count=int(data["count"]), key=key, cached=True)
-        if why:
-            log.warning("statistics cache %s is unusable (%s); recomputing", path, why)
+        found: dict[int, dict[str, Any]] = {}
+        for layer in layers:
+            data, why = _read_cache(stats_path(keys[layer], cache_dir), keys[layer], dims[layer])
+            if data is not None:
+                found[layer] = data
+            elif why:
+                log.warning("statistics cache %s is unusable (%s); recomputing", stats_path(keys[layer], cache_dir), why)
+        if rank_and_world_size()[1] > 1:  # a layer some process cannot read is computed by all (a collective)
+            readable = gather_objects(sorted(found))
+            found = {layer: data for layer, data in found.items() if all(layer in r for r in readable)}
+        for layer, data in found.items():
+            path = stats_path(keys[layer], cache_dir)
+            log.info("reusing cached statistics %s (layer %d %s, %d tokens): %s", name, layer, module, int(data["count"]), path)
+            out[layer] = SecondMoment(mom2=data["mom2"], count=int(data["count"]), key=keys[layer], cached=True)
+    missing = [layer for layer in layers if layer not in out]
+    if not missing:
+        return {layer: out[layer] for layer in layers}
 
     texts = load_texts(corpus, split=split, limit=n_samples, text_field=text_field)
     if len(texts) < n_samples:
-        log.warning("corpus %s has only %d texts (asked for %d)", key.corpus, len(texts), n_samples)
+        log.warning("corpus %s has only %d texts (asked for %d)", common["corpus"], len(texts), n_samples)
     rows = [r for r in (tokenizer(t, add_special_tokens=True, truncation=True, max_length=max_length)["input_ids"] for t in texts) if r]
     log.info(
-        "computing statistics for %s layer %d %s over %d texts (%d tokens) of %s",
-        key.model, layer, module, len(rows), sum(map(len, rows)), key.corpus,
+        "computing statistics for %s layer%s %s %s over %d texts (%d tokens) of %s",
+        name, "s" if len(missing) > 1 else "", ", ".join(map(str, missing)), module, len(rows), sum(map(len, rows)), common["corpus"],
     )
-    total, count = accumulate_second_moment(
-        model, model.get_submodule(hooked), rows, tokenizer.pad_token_id, acc, batch_size, progress
-    )
-    mom2 = total / max(count, 1)
-    why = _check_second_moment({"mom2": mom2, "count": count}, key, d_in)
-    if why:
-        raise ValueError(
-            f"the key statistics of {key.model} layer {layer} {module} over {key.corpus} are unusable: {why} "
-            f"({count} tokens); keys that are all zero or not finite cannot be edited with key statistics"
+    if common["products"] is None:  # the plain path: one pass per layer, products in the accumulation dtype
+        sums = {}
+        for layer in missing:
+            sums[layer], count = accumulate_second_moment(
+                model, model.get_submodule(hooked[layer]), rows, tokenizer.pad_token_id, acc, batch_size, progress
+            )
+    else:
+        totals, count = accumulate_second_moments(
+            model, [model.get_submodule(hooked[layer]) for layer in missing], rows, tokenizer.pad_token_id, acc, prod,
+            batch_size, progress,
         )
-    if cache and rank_and_world_size()[0] == 0:  # one process writes the cache for all
-        atomic_write(path, lambda tmp: torch.save({"mom2": mom2, "count": count}, tmp))
-        atomic_write(sidecar, lambda tmp: Path(tmp).write_text(json.dumps({"key": asdict(key), "count": count, "file": path.name}, indent=1)))
-        log.info("statistics cached in %s", path)
-    return SecondMoment(mom2=mom2, count=count, key=key, cached=False)
+        sums = dict(zip(missing, totals))
+    for layer in missing:
+        key, path = keys[layer], stats_path(keys[layer], cache_dir)
+        mom2 = sums[layer] / max(count, 1)
+        why = _check_second_moment({"mom2": mom2, "count": count}, key, dims[layer])
+        if why:
+            raise ValueError(
+                f"the key statistics of {key.model} layer {layer} {module} over {key.corpus} are unusable: {why} "
+                f"({count} tokens); keys that are all zero or not finite cannot be edited with key statistics"
+            )
+        if cache and rank_and_world_size()[0] == 0:  # one process writes the cache for all
+            atomic_write(path, lambda tmp, mom2=mom2: torch.save({"mom2": mom2, "count": count}, tmp))
+            sidecar = {"key": key.as_dict(), "count": count, "file": path.name}
+            atomic_write(path.with_suffix(".json"), lambda tmp, sidecar=sidecar: Path(tmp).write_text(json.dumps(sidecar, indent=1)))
+            log.info("statistics cached in %s", path)
+        out[layer] = SecondMoment(mom2=mom2, count=count, key=key, cached=False)
+    return {layer: out[layer] for layer in layers}

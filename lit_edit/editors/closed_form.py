@@ -377,24 +377,35 @@ class ClosedFormEditor(Editor):
 
             self._stats[layer] = import_published_stats(self.model, layer, opts.published, model_name=self.base_model_name).mom2
         if layer not in self._stats:
-            from lit_edit.stats import second_moment
-
-            sm = second_moment(
-                self.model,
-                self.tokenizer,
-                layer,
-                corpus=opts.corpus,
-                n_samples=int(opts.n_samples),
-                max_length=int(opts.max_length),
-                dtype=opts.dtype,
-                batch_size=int(opts.batch_size),
-                model_name=self.base_model_name,
-            )
-            self._stats[layer] = sm.mom2
+            self._compute_statistics([layer])
         return self._stats[layer]
 
+    def _compute_statistics(self, layers: list[int]) -> None:
+        """Statistics of ``layers`` from the corpus: cached layers are read, the others computed
+        together in one pass (float32 products per batch, summed in ``statistics.dtype``)."""
+        from lit_edit.stats import second_moments
+
+        opts = self._resolve("statistics")
+        got = second_moments(
+            self.model,
+            self.tokenizer,
+            layers,
+            corpus=opts.corpus,
+            n_samples=int(opts.n_samples),
+            max_length=int(opts.max_length),
+            dtype=opts.dtype,
+            products="float32",
+            batch_size=int(opts.batch_size),
+            model_name=self.base_model_name,
+        )
+        self._stats.update({layer: sm.mom2 for layer, sm in got.items()})
+
     def prepare_statistics(self) -> None:
-        """Compute (or load) the statistics of every edited layer now."""
+        """Compute (or load) the statistics of every edited layer now (the missing ones in one pass)."""
+        opts = self._resolve("statistics")
+        missing = [layer for layer in self.edit_layers if layer not in self._stats]
+        if opts.adjustment and opts.published is None and missing:
+            self._compute_statistics(missing)
         for layer in self.edit_layers:
             self.key_statistics(layer)
 
