@@ -155,7 +155,8 @@ def accumulate_second_moments(
     where ``k`` is the input of each of ``modules``, all from one forward per batch.
 
     Every module is hooked at once and each forward stops as soon as the last of them has seen
-    its input (the blocks above the highest one never run). Each batch's ``kᵀk`` is one GEMM in
+    its input (the blocks above the highest one never run); the rows run sorted by length, so
+    a batch holds little padding. Each batch's ``kᵀk`` is one GEMM in
     ``products`` (``float32``: the compute speed of a float32 model) and is added to a running
     total in ``dtype`` (``float64``), so rounding stays within one batch. Inside a DDP run every
     process must call it: each accumulates its share of the rows (every N-th) and the sums are
@@ -168,7 +169,7 @@ def accumulate_second_moments(
         raise ValueError("accumulate_second_moments got the same module twice")
     device = next(model.parameters()).device
     rank, world = rank_and_world_size()
-    rows = rows[rank::world]
+    rows = sorted(rows[rank::world], key=len)  # batches of similar lengths: little padding to compute
     totals = [torch.zeros(_input_dim(m), _input_dim(m), dtype=dtype, device=device) for m in modules]
     count = 0
     got: dict[int, torch.Tensor] = {}
