@@ -317,7 +317,7 @@ def _eos_ids(model: nn.Module, tokenizer: Any) -> list[int]:
     return eos
 
 
-_STOP_TABLES: dict[tuple[int, int, tuple[str, ...]], torch.Tensor] = {}
+_STOP_TABLES: dict[tuple[Any, ...], torch.Tensor] = {}
 
 
 def stop_token_table(tokenizer: Any, stop_strings: Sequence[str] = STOP_STRINGS, vocab_size: Optional[int] = None) -> Optional[torch.Tensor]:
@@ -332,7 +332,7 @@ def stop_token_table(tokenizer: Any, stop_strings: Sequence[str] = STOP_STRINGS,
     if any(len(stop) != 1 for stop in stops):
         return None
     size = max(len(tokenizer), vocab_size or 0)
-    key = (id(tokenizer), size, stops)
+    key = (id(tokenizer), type(tokenizer).__name__, getattr(tokenizer, "name_or_path", ""), len(tokenizer), size, stops)
     table = _STOP_TABLES.get(key)
     if table is None:
         texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))], skip_special_tokens=True)
