@@ -20,6 +20,46 @@ from pathlib import Path
 import torch
 
 
+def compare(editor, requests, layer=None, site="block", steps=None) -> dict:
+    """Optimise the z vectors of ``requests`` batched and one by one with ``editor``'s settings
+    (its model, templates and :meth:`value_settings`; ``steps`` overrides the step budget)."""
+    from lit_edit.closed_form import optimize_values
+
+    layer = layer if layer is not None else editor.edit_layers[-1]
+    templates = [t for g in editor.context_templates() for t in g]
+    settings = editor.value_settings()
+    if steps is not None:
+        settings = type(settings)(**{**settings.__dict__, "steps": steps})
+    model, tok = editor.model, editor.tokenizer
+    with torch.enable_grad():
+        t0 = time.perf_counter()
+        batched = optimize_values(model, tok, requests, layer, site, templates, settings, progress=False)
+        t_batched = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        singles = [optimize_values(model, tok, [r], layer, site, templates, settings, progress=False) for r in requests]
+        t_single = time.perf_counter() - t0
+    z_single = torch.cat([s.target for s in singles])
+    diff = (batched.target - z_single).abs()
+    rel = (batched.target - z_single).norm(dim=1) / z_single.norm(dim=1)
+    steps_single = torch.cat([s.steps for s in singles])
+    return {
+        "requests": len(requests),
+        "layer": layer,
+        "site": site,
+        "templates": len(templates),
+        "settings": settings.__dict__,
+        "seconds_batched": round(t_batched, 2),
+        "seconds_one_by_one": round(t_single, 2),
+        "speed_ratio": round(t_single / t_batched, 2),
+        "max_abs_diff": float(diff.max()),
+        "max_rel_diff": float(rel.max()),
+        "max_abs_z": float(z_single.abs().max()),
+        "same_steps": bool(torch.equal(batched.steps, steps_single)),
+        "mean_steps": float(batched.steps.float().mean()),
+        "mean_final_loss": float(batched.loss.mean()),
+    }
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default="counterfact")
@@ -33,7 +73,6 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
-    from lit_edit.closed_form import optimize_values
     from lit_edit.data import load_requests
     from lit_edit.editors import MEMIT
     from lit_edit.editors.closed_form import TemplateOptions
@@ -41,43 +80,11 @@ def main(argv=None) -> dict:
     torch.manual_seed(0)
     editor = MEMIT(model=args.model, templates=TemplateOptions(max_per_group=args.max_templates))
     requests = load_requests(args.data, limit=args.n, require_subject=True)
-    layer = args.layer if args.layer is not None else editor.edit_layers[-1]
-    templates = [t for g in editor.context_templates() for t in g]
-    settings = editor.value_settings()
-    if args.steps is not None:
-        settings = type(settings)(**{**settings.__dict__, "steps": args.steps})
-    model, tok = editor.model, editor.tokenizer
-
-    t0 = time.perf_counter()
-    batched = optimize_values(model, tok, requests, layer, args.site, templates, settings)
-    t_batched = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    singles = [optimize_values(model, tok, [r], layer, args.site, templates, settings) for r in requests]
-    t_single = time.perf_counter() - t0
-    z_single = torch.cat([s.target for s in singles])
-    diff = (batched.target - z_single).abs()
-    rel = (batched.target - z_single).norm(dim=1) / z_single.norm(dim=1)
-    steps_single = torch.cat([s.steps for s in singles])
-    out = {
-        "model": args.model,
-        "requests": len(requests),
-        "layer": layer,
-        "site": args.site,
-        "templates": len(templates),
-        "settings": settings.__dict__,
-        "seconds_batched": round(t_batched, 2),
-        "seconds_one_by_one": round(t_single, 2),
-        "speed_ratio": round(t_single / t_batched, 2),
-        "max_abs_diff": float(diff.max()),
-        "max_rel_diff": float(rel.max()),
-        "max_abs_z": float(z_single.abs().max()),
-        "same_steps": bool(torch.equal(batched.steps, steps_single)),
-        "mean_steps": float(batched.steps.float().mean()),
-        "mean_final_loss": float(batched.loss.mean()),
-    }
+    out = {"model": args.model, **compare(editor, requests, args.layer, args.site, args.steps)}
+    settings, layer, t_batched, t_single = out["settings"], out["layer"], out["seconds_batched"], out["seconds_one_by_one"]
     print(
-        f"{len(requests)} requests, layer {layer} ({args.site}), {len(templates)} templates, "
-        f"up to {settings.steps} steps\n"
+        f"{len(requests)} requests, layer {layer} ({args.site}), {out['templates']} templates, "
+        f"up to {settings['steps']} steps\n"
         f"batched:    {t_batched:8.1f} s\none by one: {t_single:8.1f} s\n"
         f"speed ratio (one-by-one / batched): {out['speed_ratio']:.2f}x\n"
         f"max |z_batched - z_single| = {out['max_abs_diff']:.3g} (max |z| {out['max_abs_z']:.3g}, "
