@@ -409,9 +409,11 @@ def _greedy_rows(
     with (and includes) the token that stops it: one in ``done_ids``, or the one after which
     its decoded text holds one of ``decode_stops``, or the ``max_new_tokens``-th; a row that
     ended leaves the batch (its cache rows are dropped)."""
+    accepted = inspect.signature(model.forward).parameters
+    cache_arg = "cache" if "cache" in accepted else "past_key_values"
+    last_only = {"logits_to_keep": 1} if "logits_to_keep" in accepted else {}
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
-    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **last_only)
     cache = getattr(out, "cache", None)
     if cache is None:
         cache = out.past_key_values
