@@ -185,9 +185,9 @@ def accumulate_second_moments(
     handles = [m.register_forward_pre_hook(hook_for(i), with_kwargs=True) for i, m in enumerate(modules)]
     groups = range(0, len(rows), batch_size)
     if progress:
-        from lit_edit.evaluation.scoring import Progress
+        from lit_edit.evaluation.scoring import with_progress
 
-        groups = Progress(groups, total=-(-len(rows) // batch_size), desc=f"key statistics ({len(modules)} modules)")
+        groups = with_progress(groups, total=-(-len(rows) // batch_size), desc=f"key statistics ({len(modules)} modules)")
     try:
         with eval_mode(model):
             for start in groups:

@@ -14,8 +14,6 @@ import logging
 import math
 import re
 import string
-import sys
-import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from typing import Any, Optional
@@ -32,7 +30,6 @@ log = logging.getLogger(__name__)
 __all__ = [
     "STOP_STRINGS",
     "StopOnStrings",
-    "Progress",
     "continuation_nll",
     "greedy_generate",
     "ngram_entropy",
@@ -45,6 +42,7 @@ __all__ = [
     "teacher_forced_argmax",
     "text_nll",
     "truncate_at_stop",
+    "with_progress",
 ]
 
 STOP_STRINGS: tuple[str, ...] = (".", "\n")
@@ -56,51 +54,21 @@ def _batches(n: int, batch_size: int, progress: bool, desc: str) -> Iterator[tup
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     starts = range(0, n, batch_size)
     if progress:
-        starts = Progress(starts, total=math.ceil(n / batch_size), desc=desc)
+        starts = with_progress(starts, total=math.ceil(n / batch_size), desc=desc)
     for start in starts:
         yield start, min(start + batch_size, n)
 
 
-class Progress:
-    """Progress over an iterable: a bar in a terminal, periodic log lines otherwise.
+def with_progress(iterable: Any, total: int, desc: str, every: float = 30.0) -> Iterator[Any]:
+    """The items of ``iterable``, counted by :class:`lit_edit.progress.Progress`: a bar in a
+    terminal, otherwise an ``INFO`` line of this module's logger at most every ``every``
+    seconds (count, elapsed time, time per item) and a closing line."""
+    from lit_edit.progress import Progress
 
-    When standard error is a terminal a ``tqdm`` bar is drawn; otherwise (a log file, a
-    pipe) one ``INFO`` line of the ``lit_edit.evaluation.scoring`` logger is written at the
-    start, then at most every ``every`` seconds, and at the end, each with the count done,
-    the elapsed seconds and an estimate of the time left.
-    """
-
-    def __init__(self, iterable: Any, total: int, desc: str, every: float = 30.0):
-        self.iterable = iterable
-        self.total = total
-        self.desc = desc
-        self.every = every
-
-    def __iter__(self) -> Iterator[Any]:
-        if _is_terminal():
-            from tqdm.auto import tqdm
-
-            yield from tqdm(self.iterable, desc=self.desc, total=self.total, leave=False)
-            return
-        started = last = time.perf_counter()
-        log.info("%s: 0/%d", self.desc, self.total)
-        done = 0
-        for item in self.iterable:
+    with Progress(total, desc, logger=log, interval=every) as progress:
+        for item in iterable:
             yield item
-            done += 1
-            now = time.perf_counter()
-            if now - last >= self.every and done < self.total:
-                last = now
-                left = (now - started) / done * (self.total - done)
-                log.info("%s: %d/%d, %.0f s, about %.0f s left", self.desc, done, self.total, now - started, left)
-        log.info("%s: %d/%d done in %.1f s", self.desc, done, self.total, time.perf_counter() - started)
-
-
-def _is_terminal() -> bool:
-    try:
-        return sys.stderr.isatty()
-    except (AttributeError, ValueError):
-        return False
+            progress.update()
 
 
 def _logits(model: nn.Module, batch: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
@@ -146,7 +114,7 @@ def score_pairs(
     nll = torch.zeros(len(prompts), dtype=torch.float32)
     tokens: list[Optional[tuple[torch.Tensor, torch.Tensor]]] = [None] * len(prompts) if with_argmax else []
     with eval_mode(model):
-        for group in Progress(groups, total=len(groups), desc="teacher forcing") if progress else groups:
+        for group in with_progress(groups, total=len(groups), desc="teacher forcing") if progress else groups:
             index = torch.tensor(group, dtype=torch.long)
             width = max(lengths[i] for i in group)
             ids = encoded["input_ids"][index, :width].to(device)
@@ -384,7 +352,7 @@ def greedy_generate(
     groups = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     out: list[str] = [""] * len(prompts)
     with eval_mode(model):
-        for group in Progress(groups, total=len(groups), desc="generating") if progress else groups:
+        for group in with_progress(groups, total=len(groups), desc="generating") if progress else groups:
             width = max(lengths[i] for i in group)
             index = torch.tensor(group, dtype=torch.long)
             ids = encoded["input_ids"][index, -width:].to(device)
