@@ -208,15 +208,29 @@ def test_greedy_generate_stops_at_period_and_newline(tok):
     filler = enc(" x") * 12
     scripts = [enc(" Paris") + enc(".") + filler, enc(" Rome is nice") + enc("\n") + filler]
     calls = []
+    rows: list[int] = []  # the script of each row of the running batch (rows may be reordered or leave)
+    italy = enc("Italy")[-1]
+
+    def track_rows(module, args, kwargs):
+        ids = kwargs["input_ids"]
+        if ids.shape[1] > 1:  # the prompts: a row's script follows from its prompt
+            rows[:] = [1 if row[-1] == italy else 0 for row in ids.tolist()]
+        elif ids.shape[0] < len(rows):  # finished rows left the batch: keep those whose last token is theirs
+            step, kept, tokens = len(calls) - 1, [], ids[:, 0].tolist()
+            for k in rows:
+                if len(kept) < len(tokens) and scripts[k][step] == tokens[len(kept)]:
+                    kept.append(k)
+            rows[:] = kept
 
     def scripted_logits(module, inputs, output):
         step = len(calls)
         calls.append(step)
         forced = torch.full_like(output, -1e4)
-        for row in range(output.shape[0]):
-            forced[row, -1, scripts[row][step]] = 0.0
+        for row, k in enumerate(rows):
+            forced[row, -1, scripts[k][step]] = 0.0
         return forced
 
+    pre = model.register_forward_pre_hook(track_rows, with_kwargs=True)
     handle = model.lm_head.register_forward_hook(scripted_logits)
     try:
         out = greedy_generate(model, tok, ["The capital of France is", "Italy"], max_new_tokens=10, batch_size=2)
@@ -228,6 +242,7 @@ def test_greedy_generate_stops_at_period_and_newline(tok):
         assert len(calls) == 6 and free[0].startswith(" Paris. x")
     finally:
         handle.remove()
+        pre.remove()
 
 
 def test_greedy_generate_left_padding_is_consistent(model, tok):
