@@ -1,4 +1,4 @@
-"""Closed-form editors with and without the stop-aware v*/z target, side by side (issue 15).
+"""Closed-form editors with and without the stop-aware v*/z target, side by side.
 
     LIT_EDIT_DATA=<dir> python benchmarks/stop_target.py --n 20 --max_templates 0 --steps 10
     python benchmarks/stop_target.py --n 100 --editors rome,memit --stops eos,.
