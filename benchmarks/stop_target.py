@@ -2,6 +2,8 @@
 
     LIT_EDIT_DATA=<dir> python benchmarks/stop_target.py --n 20 --max_templates 0 --steps 10
     python benchmarks/stop_target.py --n 100 --editors rome,memit --stops eos,.
+    python benchmarks/stop_target.py --n 25 --offset 25 --editors rome --out results/rome_25.json   # one range
+    python benchmarks/stop_target.py --merge results/rome_0.json results/rome_25.json --out results/rome.json
 
 For each editor the same records are edited once per ``values.stop`` setting (``off`` and each
 of ``--stops``): ROME single edits (edit, evaluate immediately, restore; ``run_single`` of
@@ -117,8 +119,35 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, float]:
     return s
 
 
+def merge(paths: list[str]) -> dict[str, Any]:
+    """One result from runs on disjoint record ranges (``--offset``) with the same columns: every
+    figure is the record-weighted mean, prob/S the harmonic mean of the merged ES, PS and NS, and
+    the ``diag/*`` fractions are recomputed from the pooled per-record rows."""
+    from lit_edit.evaluation.metrics import harmonic_mean
+
+    runs = [json.loads(Path(x).read_text()) for x in paths]
+    labels = list(runs[0]["metrics"])
+    if any(list(r["metrics"]) != labels for r in runs):
+        raise ValueError(f"runs with different columns cannot be merged: {[list(r['metrics']) for r in runs]}")
+    total = sum(int(r["n"]) for r in runs)
+    columns: dict[str, dict[str, float]] = {}
+    examples: dict[str, list[dict[str, Any]]] = {}
+    for label in labels:
+        names = [k for k in runs[0]["metrics"][label] if not k.startswith("diag/")]
+        col = {k: sum(float(r["metrics"][label][k]) * int(r["n"]) for r in runs) / total for k in names if k != "prob/S"}
+        if all(k in col for k in ("prob/ES", "prob/PS", "prob/NS")):
+            col["prob/S"] = float(harmonic_mean([col["prob/ES"], col["prob/PS"], col["prob/NS"]]))
+        examples[label] = [row for r in runs for row in r["examples"][label]]
+        columns[label] = {**col, **summarise(examples[label])}
+    seconds = {k: round(sum(float(r["seconds"].get(k, 0.0)) for r in runs), 1) for k in runs[0]["seconds"]}
+    settings = [r.get("settings", {}) for r in runs]
+    return {"settings": settings, "merged": list(paths), "n": total, "metrics": columns, "seconds": seconds, "examples": examples}
+
+
 def main(argv=None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                   help="merge the result files of runs on disjoint record ranges into --out and print the table")
     p.add_argument("--data", default="counterfact", help="data set name (resolved through $LIT_EDIT_DATA) or path")
     p.add_argument("--n", type=int, default=100)
     p.add_argument("--offset", type=int, default=0)
@@ -131,6 +160,13 @@ def main(argv=None) -> dict[str, Any]:
     p.add_argument("--ppl_texts", type=int, default=20, help="perplexity texts (ROME evaluates them after every edit)")
     p.add_argument("--out", default="results/stop_target.json")
     args = p.parse_args(argv)
+    if args.merge:
+        out = merge(args.merge)
+        print(f"{out['n']} records from {len(args.merge)} runs")
+        print(_table(out["metrics"]))
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(out, indent=1, ensure_ascii=False))
+        return out
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("lightning").setLevel(logging.WARNING)
 
