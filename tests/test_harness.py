@@ -21,12 +21,7 @@ from lit_edit.data.request import EditRequest
 FIGURE = "harness/lit_edit_capitals/acc"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _require_lm_eval():

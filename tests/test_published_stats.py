@@ -24,12 +24,7 @@ FAST = dict(n_samples=60, max_length=64, batch_size=16)
 REQUEST = EditRequest(prompt="The mother tongue of Danielle Darrieux is", subject="Danielle Darrieux", target_new="English", case_id=0)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_published(root: Path, model: str, module: str, total: np.ndarray, count, precision: str = "float64",

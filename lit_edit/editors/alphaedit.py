@@ -68,12 +68,8 @@ class AlphaEdit(MEMIT):
         on_bad_update: Literal["refuse", "warn"] = "refuse",
         chat_template: Literal["auto", "never", "always"] = "never",
     ):
-        check_real("nullspace_threshold", nullspace_threshold, minimum=0)
-        check_real("ridge", ridge, minimum=0)
-        if float(nullspace_threshold) <= 0:
-            raise ValueError(f"nullspace_threshold must be > 0, got {nullspace_threshold!r}")
-        if float(ridge) <= 0:
-            raise ValueError(f"ridge must be > 0 (the solve needs it), got {ridge!r}")
+        check_real("nullspace_threshold", nullspace_threshold, minimum=0, exclusive=True)
+        check_real("ridge", ridge, minimum=0, exclusive=True)
         super().__init__(model, tokenizer, dtype, layers, values, statistics, templates, accumulate,
                          max_update_ratio=max_update_ratio, on_bad_update=on_bad_update, chat_template=chat_template)
         if not self._resolve("statistics").adjustment:
