@@ -137,6 +137,20 @@ class Editor(L.LightningModule):
                     raise KeyError(f"{name!r} is not a parameter of {type(self.model).__name__}")
                 self._originals[name] = params[name].detach().cpu().clone()
 
+    def commit_edits(self, requests: list) -> None:
+        """Announce that the edits of ``requests`` are now part of the model for good (a batch of
+        sequential editing, a round of LocFT-BF): every trainer callback with an
+        ``on_edits_committed(trainer, editor, requests)`` method is called, in order. Editors
+        call this once per committed batch or round; nothing is called when edits are undone
+        after each batch (single / batched editing)."""
+        trainer = self._trainer
+        if trainer is None:
+            return
+        for callback in trainer.callbacks:
+            hook = getattr(callback, "on_edits_committed", None)
+            if callable(hook):
+                hook(trainer, self, list(requests))
+
     @property
     def touched(self) -> list[str]:
         return list(self._originals)

@@ -515,3 +515,5 @@ class ClosedFormEditor(Editor):
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if not self.hparams["accumulate"]:
             self.restore()
+        else:
+            self.commit_edits(batch)

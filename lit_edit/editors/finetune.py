@@ -639,6 +639,8 @@ class DepthFirstFT(FineTuneEditor):
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if not self.hparams["accumulate"]:
             self.restore(forget=False)
+        else:
+            self.commit_edits(batch)
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
