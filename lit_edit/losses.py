@@ -31,7 +31,7 @@ from lit_edit.data.request import EditRequest
 from lit_edit.data.tokenize import IGNORE_INDEX, encode_pairs
 from lit_edit.models import logits_at
 
-__all__ = ["BlockInputCache", "PreservationTerm", "ft_loss", "preservation_loss"]
+__all__ = ["BlockInputCache", "PreservationTerm", "ft_loss", "length_groups", "preservation_loss"]
 
 
 def ft_loss(
@@ -41,18 +41,77 @@ def ft_loss(
     kind: str = "ft_m",
     append_eos: bool = True,
     block_inputs: Optional[BlockInputCache] = None,
+    group_by_length: bool = False,
 ) -> torch.Tensor:
     """Per-request loss, shape ``(B,)``: FT-M (target tokens teacher forced) or FT-L.
 
     With ``block_inputs`` (a :class:`BlockInputCache` of this model), a batch whose requests
     were all seen before runs from the cached block up; any other batch runs the whole model
-    and fills the cache. The loss is the same either way (up to float rounding).
+    and fills the cache. With ``group_by_length``, the batch runs as a few sub-batches of rows
+    of similar length (:func:`length_groups`) instead of one batch padded to its longest row;
+    each row's loss does not depend on the rest of its batch (right padding, its own positions),
+    so the losses are the same either way, up to float rounding, and one backward through their
+    mean gives the gradient of the whole batch.
     """
+    if kind not in ("ft_m", "ft_l"):
+        raise ValueError(f"unknown loss {kind!r}; use 'ft_m' or 'ft_l'")
     device = next(model.parameters()).device
     enc = encode_pairs(tokenizer, [r.prompt for r in requests], [r.target_new for r in requests], append_eos)
+    lengths = enc["attention_mask"].sum(1).tolist()
+    groups = length_groups(lengths) if group_by_length else [list(range(len(requests)))]
+    if len(groups) == 1:
+        return _rows_loss(model, enc, kind, block_inputs, device)
+    out = None
+    for rows in groups:
+        index = torch.tensor(rows, dtype=torch.long)
+        width = max(lengths[i] for i in rows)
+        part = {k: (v[index, :width] if v.dim() == 2 else v[index]) for k, v in enc.items()}
+        loss = _rows_loss(model, part, kind, block_inputs, device)
+        out = loss.new_zeros(len(requests)) if out is None else out
+        out = out.index_copy(0, index.to(device), loss)
+    return out
+
+
+def length_groups(lengths: list[int], overhead: int = 32) -> list[list[int]]:
+    """Row indices split into sub-batches of similar length, cheapest first.
+
+    Chooses, over the rows sorted by length, the split that minimises the padded tokens the
+    sub-batches run (rows × longest row, summed) plus ``overhead`` tokens per sub-batch (the
+    fixed cost of one more forward and backward): a dynamic programme over the distinct
+    lengths. One group when the lengths are all alike.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    values = sorted(set(lengths))
+    counts = [sum(1 for n in lengths if n == v) for v in values]
+    best = [0.0] + [float("inf")] * len(values)
+    cut = [0] * (len(values) + 1)
+    for j in range(1, len(values) + 1):  # best[j]: cost of the rows with the j shortest lengths
+        rows = 0
+        for i in range(j, 0, -1):  # last group: lengths values[i-1 .. j-1]
+            rows += counts[i - 1]
+            cost = best[i - 1] + rows * values[j - 1] + overhead
+            if cost < best[j]:
+                best[j], cut[j] = cost, i - 1
+    bounds, j = [], len(values)
+    while j > 0:
+        bounds.append((cut[j], j))
+        j = cut[j]
+    groups, start = [], 0
+    for lo, hi in reversed(bounds):
+        size = sum(counts[lo:hi])
+        groups.append(order[start:start + size])
+        start += size
+    return groups
+
+
+def _rows_loss(
+    model: nn.Module, enc: dict[str, torch.Tensor], kind: str, block_inputs: Optional[BlockInputCache], device
+) -> torch.Tensor:
+    """:func:`ft_loss` of one right-padded batch (the output of ``encode_pairs``)."""
     input_ids = enc["input_ids"].to(device)
     attn = enc["attention_mask"].to(device)
     labels = enc["labels"].to(device)
+    n = input_ids.shape[0]
     context = block_inputs.forward(input_ids, attn) if block_inputs is not None else nullcontext()
     if kind == "ft_m":
         # logits at t-1 predict the target token at t; only those rows go through the LM head
@@ -62,18 +121,16 @@ def ft_loss(
             logits = logits_at(model, input_ids, attn, predicts)
         nll = torch.nn.functional.cross_entropy(logits.float(), labels[:, 1:][predicts[:, :-1]], reduction="none")
         rows = predicts.nonzero(as_tuple=True)[0]
-        per_row = torch.zeros(len(requests), dtype=nll.dtype, device=device).index_add(0, rows, nll)
+        per_row = torch.zeros(n, dtype=nll.dtype, device=device).index_add(0, rows, nll)
         return per_row / predicts.sum(1).clamp_min(1)
-    if kind == "ft_l":
-        last = enc["prompt_lengths"].to(device) - 1
-        at_last = torch.zeros_like(labels, dtype=torch.bool)
-        at_last[torch.arange(len(requests), device=device), last] = True
-        with context:
-            prompt_logits = logits_at(model, input_ids, attn, at_last).float().log_softmax(-1)  # (B, V)
-        mask = labels != IGNORE_INDEX
-        nll = -prompt_logits.gather(1, labels.clamp_min(0)) * mask
-        return nll.sum(1) / mask.sum(1).clamp_min(1)
-    raise ValueError(f"unknown loss {kind!r}; use 'ft_m' or 'ft_l'")
+    last = enc["prompt_lengths"].to(device) - 1
+    at_last = torch.zeros_like(labels, dtype=torch.bool)
+    at_last[torch.arange(n, device=device), last] = True
+    with context:
+        prompt_logits = logits_at(model, input_ids, attn, at_last).float().log_softmax(-1)  # (B, V)
+    mask = labels != IGNORE_INDEX
+    nll = -prompt_logits.gather(1, labels.clamp_min(0)) * mask
+    return nll.sum(1) / mask.sum(1).clamp_min(1)
 
 
 class _Skip(nn.Module):

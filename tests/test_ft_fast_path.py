@@ -1,6 +1,9 @@
-"""The fine-tuning editors' block-input cache: same losses and weights as running the whole model."""
+"""The fine-tuning editors' fast path (block-input cache, length groups): same losses, gradients and
+weights as one padded batch through the whole model."""
 
 from __future__ import annotations
+
+import itertools
 
 import lightning as L
 import pytest
@@ -9,7 +12,7 @@ from helpers import make_tiny_llama
 
 from lit_edit.data import EditDataModule, EditRequest
 from lit_edit.editors import DepthFirstFT, LocFTBF
-from lit_edit.losses import BlockInputCache, ft_loss
+from lit_edit.losses import BlockInputCache, ft_loss, length_groups
 
 TUNED = "model.layers.2.mlp.down_proj.weight"
 
@@ -55,7 +58,7 @@ def _fit(tokenizer, cls=LocFTBF, epochs=6, batch_size=2, **kw):
 @pytest.mark.parametrize("loss", ["ft_m", "ft_l"])
 def test_locft_bf_from_cached_block_inputs_matches_the_full_model(tokenizer, loss):
     fast, w_fast, block0_fast, editor = _fit(tokenizer, loss=loss)
-    full, w_full, block0_full, _ = _fit(tokenizer, loss=loss, cache_block_inputs=False)
+    full, w_full, block0_full, _ = _fit(tokenizer, loss=loss, cache_block_inputs=False, group_by_length=False)
     assert len(fast) == len(full) == 18  # 6 epochs x 3 mini-batches of 2
     torch.testing.assert_close(torch.tensor(fast), torch.tensor(full), rtol=1e-5, atol=1e-5)
     assert full[-1] < full[0] - 0.5  # the trajectory is a real descent, not a constant
@@ -69,7 +72,8 @@ def test_locft_bf_from_cached_block_inputs_matches_the_full_model(tokenizer, los
 
 def test_depth_first_ft_from_cached_block_inputs_matches_the_full_model(tokenizer):
     fast, w_fast, block0_fast, _ = _fit(tokenizer, cls=DepthFirstFT, epochs=1, batch_size=3, steps=5)
-    full, w_full, block0_full, _ = _fit(tokenizer, cls=DepthFirstFT, epochs=1, batch_size=3, steps=5, cache_block_inputs=False)
+    full, w_full, block0_full, _ = _fit(tokenizer, cls=DepthFirstFT, epochs=1, batch_size=3, steps=5, cache_block_inputs=False,
+                                       group_by_length=False)
     torch.testing.assert_close(torch.tensor(fast), torch.tensor(full), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(w_fast[TUNED], w_full[TUNED], rtol=1e-5, atol=1e-6)
     assert block0_full == 10 and block0_fast == 2  # 2 batches x 5 steps, against the first step of each
@@ -119,3 +123,53 @@ def test_cached_rows_do_not_depend_on_their_batch(tokenizer):
                                        rtol=1e-5, atol=1e-6)
     assert cache.hits == 3 and cache.misses == 1
     assert all(type(b).__name__ != "_Skip" for b in model.model.layers)  # the blocks are put back
+
+
+def test_length_groups_partition_the_rows_at_the_least_cost():
+    """The dynamic programme's split is a partition of the rows and costs no more than any split
+    of the length-sorted rows into contiguous groups (brute force)."""
+
+    def cost(groups, lengths, overhead):
+        return sum(len(g) * max(lengths[i] for i in g) + overhead for g in groups)
+
+    for lengths in ([5, 5, 5], [3], [6, 18, 7, 7, 12, 6, 30, 11], [2, 40, 2, 40, 2, 40], list(range(1, 11))):
+        for overhead in (0, 4, 32):
+            groups = length_groups(lengths, overhead=overhead)
+            assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+            order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+            best = min(
+                cost([order[a:b] for a, b in zip((0, *cuts), (*cuts, len(order)))], lengths, overhead)
+                for k in range(len(order))
+                for cuts in itertools.combinations(range(1, len(order)), k)
+            )
+            assert cost(groups, lengths, overhead) == best
+    assert length_groups([5, 5, 5]) == [[0, 1, 2]]
+    assert len(length_groups([2, 40, 2, 40, 2, 40], overhead=4)) == 2
+
+
+def test_length_groups_give_the_padded_batch_losses_and_gradient(tokenizer):
+    """Requests of very different lengths: the grouped batch runs as several sub-batches and
+    gives the padded batch's per-request losses and gradient of their mean."""
+    model = make_tiny_llama(len(tokenizer), layers=3)
+    long = "In a long and winding description that goes on for many words about places and people, " * 3
+    reqs = _requests() + [EditRequest(prompt=long + p, subject=s, target_new=t, case_id=10 + i)
+                          for i, (p, s, t) in enumerate([("The capital of France is", "France", "Lyon"),
+                                                         ("Apple A5 was made by", "Apple A5", "Intel")])]
+    weight = dict(model.named_parameters())[TUNED]
+    lengths = [len(tokenizer(r.prompt + " " + r.target_new).input_ids) for r in reqs]
+    assert len(length_groups(lengths)) > 1 and max(lengths) > 3 * min(lengths)
+    out = {}
+    for kind in ("ft_m", "ft_l"):
+        for grouped in (False, True):
+            model.zero_grad()
+            loss = ft_loss(model, tokenizer, reqs, kind, group_by_length=grouped)
+            loss.mean().backward()
+            out[kind, grouped] = (loss.detach(), weight.grad.clone())
+        torch.testing.assert_close(out[kind, True][0], out[kind, False][0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(out[kind, True][1], out[kind, False][1], rtol=1e-4, atol=1e-7)
+        assert out[kind, False][1].abs().sum() > 0
+
+
+def test_group_by_length_is_checked(tokenizer):
+    with pytest.raises(TypeError, match="group_by_length"):
+        LocFTBF(model=make_tiny_llama(len(tokenizer)), tokenizer=tokenizer, group_by_length=1)
