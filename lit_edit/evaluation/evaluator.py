@@ -36,10 +36,12 @@ from torch import nn
 
 from lit_edit.data.corpus import corpus_name, load_texts
 from lit_edit.data.request import EditRequest
+from lit_edit.evaluation.divergence import TopKDistribution, next_token_logprobs, partition_kl, text_rows, top_k_distribution
 from lit_edit.evaluation.harness import HarnessOptions, harness_options, run_harness
-from lit_edit.evaluation.metrics import ExactMatch, Perplexity, ProbabilityComparison, TokenAccuracy
+from lit_edit.evaluation.metrics import ExactMatch, NextTokenKL, Perplexity, ProbabilityComparison, TokenAccuracy
 from lit_edit.evaluation.protocols import FLUENCY_TOKENS, PROTOCOLS, check_protocols
 from lit_edit.evaluation.scoring import greedy_generate, ngram_entropy, normalize_answer, score_pairs, text_nll
+from lit_edit.options import check_int
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +61,8 @@ class EvaluationReference:
     """Argmax ids on each ``(locality prompt, answer)`` pair, teacher forced."""
     locality_generations: dict[str, str] = field(default_factory=dict)
     """Greedy generation (truncated) from each locality prompt."""
+    kl: dict[int, TopKDistribution] = field(default_factory=dict)
+    """The ``kl`` protocol's unedited next-token distributions (top-k + tail), by index of the KL text."""
 
     def state_dict(self) -> dict[str, Any]:
         """A checkpoint-friendly form (lists and dicts of plain values and tensors)."""
@@ -66,14 +70,16 @@ class EvaluationReference:
             "num_requests": self.num_requests,
             "locality_argmax": [[prompt, answer, ids] for (prompt, answer), ids in self.locality_argmax.items()],
             "locality_generations": dict(self.locality_generations),
+            "kl": [[index, {"ids": d.ids, "logprobs": d.logprobs, "tail": d.tail}] for index, d in self.kl.items()],
         }
 
     def merged(self, others: Sequence[EvaluationReference]) -> EvaluationReference:
         """This reference and ``others`` (e.g. every process's share) as one."""
-        out = EvaluationReference(self.num_requests, dict(self.locality_argmax), dict(self.locality_generations))
+        out = EvaluationReference(self.num_requests, dict(self.locality_argmax), dict(self.locality_generations), dict(self.kl))
         for other in others:
             out.locality_argmax.update(other.locality_argmax)
             out.locality_generations.update(other.locality_generations)
+            out.kl.update(other.kl)
         return out
 
     @classmethod
@@ -82,6 +88,7 @@ class EvaluationReference:
             num_requests=state["num_requests"],
             locality_argmax={(prompt, answer): ids for prompt, answer, ids in state["locality_argmax"]},
             locality_generations=dict(state["locality_generations"]),
+            kl={int(index): TopKDistribution(d["ids"], d["logprobs"], d["tail"]) for index, d in state.get("kl", [])},
         )
 
 
@@ -114,6 +121,12 @@ class Evaluator:
         harness: the lm-evaluation-harness tasks of the ``harness`` protocol
             (:class:`~lit_edit.evaluation.harness.HarnessOptions` or a mapping of its fields:
             ``{"tasks": ["arc_easy"], "limit": 200}``); needs ``pip install lit-edit[lmeval]``.
+        kl_texts: number of held-out texts of the ``kl`` protocol (the first ones of
+            ``ppl_corpus``, each truncated to ``ppl_max_length`` tokens), >= 1.
+        kl_top_k: tokens of the unedited next-token distribution kept per position by the ``kl``
+            protocol, >= 1 (the rest is kept as one tail mass; the figure is exact when this
+            covers the vocabulary and a lower bound otherwise, :mod:`lit_edit.evaluation.divergence`).
+            The reference holds ``kl_texts × ppl_max_length × kl_top_k × 8`` bytes at most.
     """
 
     def __init__(
@@ -125,9 +138,13 @@ class Evaluator:
         ppl_texts: int = 100,
         ppl_max_length: int = 128,
         harness: Union[HarnessOptions, dict, None] = None,
+        kl_texts: int = 20,
+        kl_top_k: int = 256,
     ):
         if batch_size < 1 or max_new_tokens < 1 or ppl_texts < 1 or ppl_max_length < 2:
             raise ValueError("batch_size, max_new_tokens and ppl_texts must be >= 1 and ppl_max_length >= 2")
+        self.kl_texts = check_int("kl_texts", kl_texts, minimum=1)
+        self.kl_top_k = check_int("kl_top_k", kl_top_k, minimum=1)
         self.protocols = check_protocols(protocols)
         self.batch_size = batch_size
         self.max_new_tokens = max_new_tokens
@@ -135,6 +152,7 @@ class Evaluator:
         self.ppl_texts = ppl_texts
         self.ppl_max_length = ppl_max_length
         self._texts: Optional[list[str]] = None
+        self._kl_texts: Optional[list[str]] = None
         self.harness = harness_options(harness, self.protocols)
 
     def with_protocols(self, protocols: Sequence[str]) -> Evaluator:
@@ -152,7 +170,7 @@ class Evaluator:
     @property
     def needs_requests(self) -> bool:
         """Whether any protocol scores requests (perplexity alone does not)."""
-        return any(p not in ("perplexity", "harness") for p in self.protocols)
+        return any(p not in ("perplexity", "kl", "harness") for p in self.protocols)
 
     # ------------------------------------------------------------------ descriptions
 
@@ -171,6 +189,8 @@ class Evaluator:
             ppl_max_length=self.ppl_max_length,
             fluency_tokens=FLUENCY_TOKENS,
             harness=self.harness.describe() if self.harness is not None else "",
+            kl_texts=len(self._kl_texts) if self._kl_texts is not None else self.kl_texts,
+            kl_top_k=self.kl_top_k,
         )
 
     def descriptions(self) -> dict[str, str]:
@@ -184,6 +204,14 @@ class Evaluator:
             if not self._texts:
                 raise ValueError(f"perplexity corpus {self.corpus_label()!r} has no text")
         return self._texts
+
+    def kl_text_list(self) -> list[str]:
+        """The held-out texts of the ``kl`` protocol: the first ``kl_texts`` of ``ppl_corpus`` (read once)."""
+        if self._kl_texts is None:
+            self._kl_texts = load_texts(self.ppl_corpus, split="heldout", limit=self.kl_texts)
+            if not self._kl_texts:
+                raise ValueError(f"KL corpus {self.corpus_label()!r} has no text")
+        return self._kl_texts
 
     # ------------------------------------------------------------------ evaluation
 
@@ -239,6 +267,8 @@ class Evaluator:
             metric = Perplexity()
             metric.update(total, count)
             figures[f"ppl/{corpus_name(self.ppl_corpus)}"] = metric.compute()
+        if "kl" in self.protocols:
+            figures.update(self._kl(model, tokenizer, ref, made, rank, world_size))
         out = {k: float(v) for k, v in figures.items() if math.isfinite(float(v))}
         seconds = time.perf_counter() - started
         log.info("evaluated %d requests in %.1f s", len(requests), seconds)
@@ -261,7 +291,37 @@ class Evaluator:
             prompts = list(dict.fromkeys(p for p, _ in pairs))
             texts = greedy_generate(model, tokenizer, prompts, self.max_new_tokens, self.generation_batch_size, progress=True)
             ref.locality_generations.update(zip(prompts, texts))
+        if "kl" in self.protocols:
+            self._kl(model, tokenizer, None, ref, 0, 1)
         return ref
+
+    def _kl(self, model, tokenizer, ref, made, rank: int, world_size: int) -> dict[str, torch.Tensor]:
+        """The ``kl`` figures of ``model`` against ``ref`` (``None``: ``model`` is the unedited one,
+        its top-k distributions go into ``made`` and the figures are 0 by definition)."""
+        from lit_edit.evaluation.scoring import with_progress
+
+        texts = self.kl_text_list()
+        indices = list(range(rank, len(texts), world_size))
+        rows = text_rows(tokenizer, [texts[i] for i in indices], self.ppl_max_length)
+        metric = NextTokenKL()
+        scored = next_token_logprobs(model, tokenizer, rows, self.batch_size)
+        for j, logprobs in with_progress(scored, total=sum(len(r) >= 2 for r in rows), desc="kl"):
+            index = indices[j]
+            if ref is None or ref is made:
+                made.kl[index] = top_k_distribution(logprobs, self.kl_top_k)
+                metric.update(torch.zeros(logprobs.shape[0], dtype=torch.float64))
+                continue
+            stored = _lookup(ref.kl, index, "kl")
+            if stored.k != min(self.kl_top_k, logprobs.shape[-1]):
+                raise ValueError(f"the reference keeps the top {stored.k} tokens per position, this evaluation kl_top_k={self.kl_top_k}: "
+                                 "build the reference with the same kl_top_k")
+            try:
+                metric.update(partition_kl(stored, logprobs))
+            except ValueError as e:
+                raise ValueError(f"KL text {index}: {e}; build the reference with the same texts and ppl_max_length") from None
+        name = corpus_name(self.ppl_corpus)
+        computed = metric.compute()
+        return {f"kl/{name}": computed["mean"], f"kl/{name}/p95": computed["p95"]}
 
     def _teacher_forced(self, model, tokenizer, requests, ref, made) -> dict[str, torch.Tensor]:
         want_prob = "probability" in self.protocols
@@ -387,6 +447,8 @@ class UneditedCache:
             "ppl_corpus": str(evaluator.ppl_corpus) if isinstance(evaluator.ppl_corpus, (str, os.PathLike)) else list(evaluator.ppl_corpus),
             "batch_size": evaluator.batch_size,
             "share": [rank, world_size],
+            **({"kl": {"texts": evaluator.kl_texts, "top_k": evaluator.kl_top_k, "max_length": evaluator.ppl_max_length}}
+               if "kl" in evaluator.protocols else {}),
             **({"chat_template": fmt.describe()} if fmt.chat else {}),
         }, default=str))
 
@@ -429,6 +491,7 @@ class UneditedCache:
                 num_requests=int(ref["num_requests"]),
                 locality_argmax={(p, a): torch.tensor(ids, dtype=torch.long) for p, a, ids in ref["locality_argmax"]},
                 locality_generations={str(k): str(v) for k, v in ref["locality_generations"].items()},
+                kl={int(index): TopKDistribution.from_state_dict(d) for index, d in ref.get("kl", [])},
             )
         except (OSError, ValueError, KeyError, TypeError) as e:
             log.warning("unedited-evaluation cache %s is unusable (%s); evaluating again", path, e)
@@ -447,6 +510,7 @@ class UneditedCache:
                 "num_requests": ref.num_requests,
                 "locality_argmax": [[p, a, ids.tolist()] for (p, a), ids in ref.locality_argmax.items()],
                 "locality_generations": ref.locality_generations,
+                **({"kl": [[index, d.state_dict()] for index, d in sorted(ref.kl.items())]} if ref.kl else {}),
             },
         }
         text = json.dumps(record, ensure_ascii=False)

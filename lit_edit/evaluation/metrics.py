@@ -6,6 +6,7 @@
 - :class:`TokenAccuracy`: teacher-forced fraction of target tokens that are the argmax.
 - :class:`ExactMatch`: normalized string equality of generations and answers.
 - :class:`Perplexity`: ``exp(sum NLL / token count)``.
+- :class:`NextTokenKL`: mean and a high percentile of per-token KL divergences (the ``kl`` protocol).
 
 Each metric's ``compute`` returns a tensor (a dict of tensors for
 :class:`ProbabilityComparison`); fractions are in ``[0, 1]`` except the probability metrics,
@@ -22,7 +23,7 @@ from torchmetrics import Metric
 
 from lit_edit.evaluation.scoring import normalize_answer
 
-__all__ = ["ExactMatch", "Perplexity", "ProbabilityComparison", "TokenAccuracy", "harmonic_mean"]
+__all__ = ["ExactMatch", "NextTokenKL", "Perplexity", "ProbabilityComparison", "TokenAccuracy", "harmonic_mean"]
 
 _F64 = torch.float64
 
@@ -187,3 +188,36 @@ class Perplexity(Metric):
 
     def compute(self) -> torch.Tensor:
         return torch.exp(self.nll_sum / self.token_count)
+
+
+class NextTokenKL(Metric):
+    """Per-token KL divergences (``KL(P_unedited ‖ P_edited)`` of the ``kl`` protocol, in nats).
+
+    ``update(values)`` adds one value per predicted token; ``compute()`` returns
+    ``{"mean": token-weighted mean, "p<q>": the q-th percentile}`` (``q`` = ``percentile``, 95 by
+    default; linear interpolation). The values themselves are the state (concatenated across
+    processes), so the percentile is that of every process's tokens.
+    """
+
+    full_state_update = False
+    higher_is_better = False
+
+    def __init__(self, percentile: float = 95.0, **kwargs):
+        super().__init__(**kwargs)
+        if not 0.0 <= float(percentile) <= 100.0:
+            raise ValueError(f"percentile must be in [0, 100], got {percentile!r}")
+        self.percentile = float(percentile)
+        self.add_state("values", default=[], dist_reduce_fx="cat")
+
+    def update(self, values: Union[torch.Tensor, Sequence[float]]) -> None:
+        self.values.append(_as_1d(values, self.device))
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        values = self.values
+        if isinstance(values, list):
+            values = torch.cat(values) if values else torch.zeros(0, dtype=_F64, device=self.device)
+        name = f"p{self.percentile:g}"
+        if values.numel() == 0:
+            nan = torch.tensor(float("nan"), dtype=_F64, device=self.device)
+            return {"mean": nan, name: nan}
+        return {"mean": values.mean(), name: torch.quantile(values, self.percentile / 100.0)}

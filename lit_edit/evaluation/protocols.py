@@ -1,7 +1,7 @@
 """The evaluation protocols, the figures each one produces and the evaluation timings.
 
 Every figure name carries its protocol as a prefix (``prob/``, ``tok_acc/``, ``gen_em/``,
-``ppl/``, ``fluency/``, ``harness/<task>/<metric>``); the descriptions here are the ones recorded in every summary.
+``ppl/``, ``kl/``, ``fluency/``, ``harness/<task>/<metric>``); the descriptions here are the ones recorded in every summary.
 """
 
 from __future__ import annotations
@@ -26,6 +26,12 @@ PROTOCOLS: dict[str, str] = {
     "generation": "generation exact match: greedy, ≤{max_new_tokens} new tokens, stop at '.', newline or EOS, normalized",
     "perplexity": "perplexity: exp(token-weighted mean NLL) over {ppl_texts} texts from {ppl_corpus}, ≤{ppl_max_length} tokens each",
     "fluency": "fluency: n-gram entropy (2/3·H2 + 4/3·H3)/2 in bits ×100 of {fluency_tokens}-token greedy generations from the edit prompts",
+    "kl": (
+        "next-token KL(P_unedited ‖ P_edited) in nats at every predicted position of {kl_texts} texts from {ppl_corpus}, "
+        "≤{ppl_max_length} tokens each; mean over tokens and 95th percentile; the unedited distribution is kept as its "
+        "top-{kl_top_k} tokens + the tail's mass and the KL is that of the partition {{top-{kl_top_k} tokens, tail}}: "
+        "a lower bound on the full KL, exact when {kl_top_k} covers the vocabulary; 0 for the unedited model by definition"
+    ),
     "harness": "lm-evaluation-harness capability tasks on the in-memory model (HFLM, raw-text prompts), metrics as lm-eval reports them: {harness}",
 }
 """The evaluation protocols, with the description recorded for each of their figures."""
@@ -49,14 +55,15 @@ FIGURES: dict[str, str] = {
     "gen_em/portability": "generation from each portability prompt equals its answer",
     "fluency/ngram_entropy": "mean over the edit prompts",
 }
-"""What each figure measures (perplexity figures are named ``ppl/<corpus>``)."""
+"""What each figure measures (perplexity figures are named ``ppl/<corpus>``, KL figures
+``kl/<corpus>`` and ``kl/<corpus>/p95``)."""
 
 TIMING: dict[str, str] = {
     "after-all": "every request evaluated on the final model, after all edits (retention)",
     "immediate": (
         "each edit batch's requests evaluated right after that batch is applied (before any restore); "
-        "figures are request-weighted means over the batches of the last epoch; perplexity and fluency "
-        "are measured once, on the final model"
+        "figures are request-weighted means over the batches of the last epoch; perplexity, KL and "
+        "fluency are measured once, on the final model"
     ),
 }
 """The evaluation timings: when the requests are scored relative to the edits."""
@@ -69,7 +76,7 @@ FLUENCY_TOKENS = 64
 
 _PREFIXES = {
     "prob": "probability", "tok_acc": "token_accuracy", "gen_em": "generation", "ppl": "perplexity", "fluency": "fluency",
-    "harness": "harness",
+    "harness": "harness", "kl": "kl",
 }
 
 
@@ -87,6 +94,10 @@ def figure_description(figure: str) -> str:
     if figure.startswith("harness/"):
         task, _, metric = figure[len("harness/"):].partition("/")
         return f"lm-evaluation-harness task {task}: {metric}"
+    if figure.startswith("kl/"):
+        corpus, _, stat = figure[len("kl/"):].partition("/")
+        which = f"{stat[1:]}th percentile" if stat.startswith("p") else "mean"
+        return f"{which} over the predicted tokens of {corpus} texts of KL(P_unedited ‖ P_edited) of the next token (nats)"
     return FIGURES.get(figure, "perplexity of the model on the corpus")
 
 
