@@ -169,3 +169,30 @@ def test_figures_and_storage_helpers():
     with pytest.raises(ValueError, match="shape"):
         TopKDistribution.from_state_dict({"ids": encode_tensor(torch.zeros(2, 3, dtype=torch.int32)),
                                           "logprobs": encode_tensor(torch.zeros(2, 2)), "tail": encode_tensor(torch.zeros(2))})
+
+
+@pytest.mark.parametrize(("timing", "accumulate"), [("after-all", True), ("immediate", True), ("immediate", False)])
+def test_edit_evaluation_callback_reports_kl(sharp_llama, tokenizer, requests, tmp_path, one_thread, timing, accumulate):
+    """In a fit: 0 before; after sequential edits > 0 (also under immediate timing, where KL is
+    measured once on the final model against the unedited reference); with single edits
+    (restored after each) the final model is the unedited one again: exactly 0."""
+    import lightning as L
+
+    from lit_edit.data import EditDataModule
+    from lit_edit.editors import DepthFirstFT
+    from lit_edit.evaluation import EditEvaluation
+
+    ev = EditEvaluation(protocols=["probability", "kl"], ppl_corpus=TEXTS, kl_texts=2, kl_top_k=16, ppl_max_length=MAX_LENGTH,
+                        timing=timing, print_table=False, summary_dir=str(tmp_path), cache_unedited=False)
+    ed = DepthFirstFT(model=sharp_llama, tokenizer=tokenizer, target_modules=["mlp.down_proj"], layers_to_transform=[1],
+                      lr=5e-3, steps=10, accumulate=accumulate)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, max_epochs=1, callbacks=[ev])
+    trainer.fit(ed, datamodule=EditDataModule(requests=list(requests), batch_size=1, shuffle=False))
+    assert ev.before["kl/texts"] == 0.0
+    if accumulate:
+        assert ev.after["kl/texts"] > 0 and ev.after["kl/texts/p95"] >= ev.after["kl/texts"] * 0.5
+    else:
+        assert ev.after["kl/texts"] == 0.0 and ev.after["prob/ES"] > ev.before["prob/ES"]
+    summary = ev.summary()
+    assert summary["figures"]["kl/texts"]["protocol"] == "kl" and "top-16 tokens" in summary["protocols"]["kl"]

@@ -42,8 +42,9 @@ class EditEvaluation(L.Callback):
     """Evaluate the edited model before and after ``fit``; log, save and print the figures.
 
     Args:
-        protocols: any of ``probability``, ``token_accuracy``, ``generation``, ``perplexity``
-            and ``fluency`` (opt-in: 64-token generations from the edit prompts).
+        protocols: any of ``probability``, ``token_accuracy``, ``generation``, ``perplexity``,
+            ``kl`` (opt-in: next-token KL from the unedited model on held-out text) and ``fluency``
+            (opt-in: 64-token generations from the edit prompts).
         requests: requests to evaluate (a list of :class:`EditRequest` or a file readable by
             :func:`lit_edit.data.load_requests`); default: ``trainer.datamodule.eval_requests``.
         limit: evaluate at most this many requests.
@@ -63,6 +64,8 @@ class EditEvaluation(L.Callback):
         harness: the lm-evaluation-harness tasks of the ``harness`` protocol (``tasks``,
             ``include``, ``limit``, ``num_fewshot``; :class:`~lit_edit.evaluation.harness.HarnessOptions`);
             needs ``pip install lit-edit[lmeval]``.
+        kl_texts, kl_top_k: the ``kl`` protocol's number of held-out texts and tokens kept per
+            position of the unedited distribution (:class:`~lit_edit.evaluation.Evaluator`).
 
     Prompts are fed in the format the module's tokenizer carries (the editor's
     ``chat_template``, :mod:`lit_edit.data.chat`; raw text for a tokenizer without one); the
@@ -85,10 +88,13 @@ class EditEvaluation(L.Callback):
         timing: str = "after-all",
         cache_unedited: bool = True,
         harness: Optional[HarnessOptions] = None,
+        kl_texts: int = 20,
+        kl_top_k: int = 256,
     ):
         if limit is not None and limit < 1:
             raise ValueError(f"limit must be positive, got {limit}")
-        self.evaluator = Evaluator(protocols, batch_size, max_new_tokens, ppl_corpus, ppl_texts, ppl_max_length, harness=harness)
+        self.evaluator = Evaluator(protocols, batch_size, max_new_tokens, ppl_corpus, ppl_texts, ppl_max_length, harness=harness,
+                                   kl_texts=kl_texts, kl_top_k=kl_top_k)
         self.timing = check_timing(timing)
         self.requests, self.limit = requests, limit
         self.summary_dir, self.print_table, self.cache_unedited = summary_dir, print_table, cache_unedited
@@ -180,7 +186,8 @@ class EditEvaluation(L.Callback):
             self.after = {name: total / count for name, (total, count) in self._immediate.items() if count}
             final = [p for p in self.evaluator.protocols if p not in PER_BATCH]
             if final:
-                self.after.update(self.evaluator.with_protocols(final).evaluate(model, tokenizer, self._requests, **shares).figures)
+                final_eval = self.evaluator.with_protocols(final)  # kl compares with the unedited reference
+                self.after.update(final_eval.evaluate(model, tokenizer, self._requests, self.reference, **shares).figures)
         else:
             log.info("evaluating the edited model on %d requests", len(self._requests))
             self.after = self.evaluator.evaluate(model, tokenizer, self._requests, self.reference, **shares).figures
@@ -223,7 +230,7 @@ class EditEvaluation(L.Callback):
     def summary(self, model: Any = None) -> dict[str, Any]:
         """The JSON-serializable record of this evaluation."""
         extra = {}
-        if "perplexity" in self.evaluator.protocols:
+        if "perplexity" in self.evaluator.protocols or "kl" in self.evaluator.protocols:
             extra["ppl_corpus_version"] = corpus_version(self.evaluator.ppl_corpus, "heldout")
         return report.summary(
             self.before, self.after, protocols=self.descriptions(), timing=self.timing,
