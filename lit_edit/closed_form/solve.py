@@ -8,13 +8,23 @@ Keys are columns: ``K`` is ``d_in × E``; residuals ``R`` are ``d_out × E``.
 from __future__ import annotations
 
 import logging
-from typing import Optional
+import math
+from collections.abc import Callable
+from typing import Optional, Union
 
 import torch
 
 log = logging.getLogger(__name__)
 
-__all__ = ["alphaedit_solve", "apply_update", "emmet_solve", "memit_solve", "nullspace_projection", "rome_solve"]
+__all__ = [
+    "alphaedit_solve",
+    "apply_update",
+    "emmet_solve",
+    "memit_solve",
+    "nullspace_projection",
+    "rome_solve",
+    "spd_condition_estimate",
+]
 
 
 def _f64(x: torch.Tensor) -> torch.Tensor:
@@ -32,7 +42,8 @@ def rome_solve(
     residual: torch.Tensor,
     C: Optional[torch.Tensor] = None,
     denominator_key: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
+    with_denominator: bool = False,
+) -> Union[torch.Tensor, tuple[torch.Tensor, float]]:
     """ROME's rank-one update ``Δ = Λ (C⁻¹k)ᵀ`` with ``Λ = residual / ((C⁻¹k)ᵀ k_d)``.
 
     Args:
@@ -40,24 +51,78 @@ def rome_solve(
         residual: ``v* − W k_d`` ``(d_out,)``.
         denominator_key: ``k_d``; defaults to ``key`` (r-ROME: Ŵ k* = v* exactly). The
             original ROME used the bare prompt's key here.
+        with_denominator: also return the denominator ``(C⁻¹k)ᵀ k_d`` (for r-ROME the squared
+            C⁻¹-norm of the key, ``k*ᵀ C⁻¹ k*``): the update's norm is ``‖residual‖·‖C⁻¹k‖`` divided
+            by it, so a denominator that shrinks over a sequential run is the start of a collapse.
     """
     k = _f64(key)
     kd = k if denominator_key is None else _f64(denominator_key)
     u = _c_solve(C, k[:, None])[:, 0]
-    return torch.outer(_f64(residual) / (u @ kd), u)
+    denominator = u @ kd
+    delta = torch.outer(_f64(residual) / denominator, u)
+    return (delta, float(denominator)) if with_denominator else delta
 
 
 @torch.autocast("cpu", enabled=False)
-def memit_solve(K: torch.Tensor, R: torch.Tensor, C: Optional[torch.Tensor], lam: float) -> torch.Tensor:
+def memit_solve(
+    K: torch.Tensor, R: torch.Tensor, C: Optional[torch.Tensor], lam: float, with_condition: bool = False
+) -> Union[torch.Tensor, tuple[torch.Tensor, float]]:
     """MEMIT's least-squares update ``Δ = R Kᵀ (λC + K Kᵀ)⁻¹``.
 
-    Minimises ``λ tr(Δ C Δᵀ) + ‖Δ K − R‖²`` (``C`` = identity when None).
+    Minimises ``λ tr(Δ C Δᵀ) + ‖Δ K − R‖²`` (``C`` = identity when None). ``with_condition``
+    also returns an estimate of the 2-norm condition number of ``A = λC + K Kᵀ``, the matrix
+    the solve inverts (:func:`spd_condition_estimate`, from the solve's own LU factors: a few
+    matrix-vector products, no extra factorisation).
     """
     K64, R64 = _f64(K), _f64(R)
     d = K64.shape[0]
     Cm = torch.eye(d, dtype=torch.float64, device=K64.device) if C is None else _f64(C).to(K64.device)
     A = lam * Cm + K64 @ K64.T
-    return R64 @ torch.linalg.solve(A, K64).T  # A symmetric: (A⁻¹ K)ᵀ = Kᵀ A⁻¹
+    LU, pivots = torch.linalg.lu_factor(A)  # the factorisation torch.linalg.solve makes (same result, bit for bit)
+    delta = R64 @ torch.linalg.lu_solve(LU, pivots, K64).T  # A symmetric: (A⁻¹ K)ᵀ = Kᵀ A⁻¹
+    if not with_condition:
+        return delta
+    return delta, spd_condition_estimate(A, lambda X: torch.linalg.lu_solve(LU, pivots, X))
+
+
+@torch.no_grad()
+def spd_condition_estimate(
+    A: torch.Tensor, solve: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, iterations: int = 32
+) -> float:
+    """An estimate of the 2-norm condition number ``λ_max / λ_min`` of a symmetric positive
+    definite matrix, cheap next to a factorisation: ``λ_max`` by power iteration with ``A``,
+    ``λ_min`` by inverse iteration with ``solve`` (``X ↦ A⁻¹ X``, e.g. from factors the caller
+    already has; default ``torch.linalg.solve``), each ``iterations`` matrix-vector products from
+    a fixed start vector. Both Rayleigh quotients lie inside the spectrum, so the estimate never
+    exceeds the true condition number and approaches it as the iterations converge; it is meant
+    for tracking how the conditioning moves over a run (orders of magnitude), not as an exact
+    value. Returns ``inf`` when ``A`` is singular or not positive definite.
+    """
+    A64 = _f64(A)
+    n = A64.shape[0]
+    solve = solve if solve is not None else (lambda X: torch.linalg.solve(A64, X))
+    start = torch.randn(n, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).to(A64.device)
+    v = start / start.norm()
+    high = 0.0
+    for _ in range(iterations):
+        w = A64 @ v
+        high = float(v.T @ w)
+        norm = w.norm()
+        if not torch.isfinite(norm) or float(norm) == 0.0:
+            return math.inf
+        v = w / norm
+    v = start / start.norm()
+    inverse_high = 0.0
+    for _ in range(iterations):
+        w = solve(v)
+        inverse_high = float(v.T @ w)  # Rayleigh quotient of A⁻¹: at most 1/λ_min
+        norm = w.norm()
+        if not torch.isfinite(norm) or float(norm) == 0.0:
+            return math.inf
+        v = w / norm
+    if not (high > 0 and inverse_high > 0) or not math.isfinite(inverse_high):
+        return math.inf
+    return high * inverse_high
 
 
 @torch.autocast("cpu", enabled=False)

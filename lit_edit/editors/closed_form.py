@@ -9,7 +9,13 @@ runs one epoch.
 ``accumulate`` chooses the strategy: ``True`` (sequential / sequential-batched) keeps every
 batch's update; ``False`` (single / batched) restores the original weights in
 :meth:`on_train_batch_end`, which Lightning calls after the callbacks' hooks, so an immediate
-evaluation callback sees each edit before it is undone.
+evaluation callback sees each edit before it is undone. With ``accumulate=True`` the requests
+of each applied batch are recorded (by case id, in Lightning checkpoints) and announced to the
+callbacks (:meth:`~lit_edit.editors.base.Editor.commit_edits`) at the end of ``training_step``:
+a fit resumed with ``trainer.fit(..., ckpt_path=...)`` skips a request it already applied, even
+if Lightning hands its batch over again, and a checkpoint saved at the end of a batch holds what
+the callbacks made of it. :attr:`ClosedFormEditor.last_diagnostics` keeps the diagnostics of the
+last batch (logged as ``edit/<name>``).
 
 Settings come in three groups, each a dataclass that the command line nests
 (``--model.values.steps 10``): :class:`ValueOptions` (the v*/z optimisation),
@@ -281,6 +287,9 @@ class ClosedFormEditor(Editor):
         self._templates = ContextTemplates()
         self._stats: dict[int, Optional[torch.Tensor]] = {}
         self._hub: Optional[dict[str, Any]] = None
+        #: Requests whose edit a sequential fit has applied (by case id), kept in checkpoints.
+        self._done: set = set()
+        self.last_diagnostics: dict[str, float] = {}
 
     def _record_hparams(self, **values: Any) -> None:
         """Set hyperparameters (also in ``hparams_initial``, which loggers record)."""
@@ -495,9 +504,21 @@ class ClosedFormEditor(Editor):
         computes them all (ROME, whose values depend on the edits applied before them)."""
         return None
 
+    @staticmethod
+    def _request_key(r: EditRequest) -> Any:
+        return r.case_id if r.case_id is not None else (r.prompt, r.target_new)
+
     @override
     def training_step(self, batch: list[EditRequest], batch_idx: int) -> None:
         requests = [r.validate(require_subject=True) for r in batch]
+        accumulate = self.hparams["accumulate"]
+        if accumulate:  # a batch Lightning replays after a resume: its edits are in the weights already
+            todo = [r for r in requests if self._request_key(r) not in self._done]
+            if len(todo) < len(requests):
+                log.info("skipping %d request(s) of batch %d already applied (resumed run)", len(requests) - len(todo), batch_idx)
+            requests = todo
+        if not requests:
+            return None
         # A true-precision plugin (bf16-true, 64-true, ...) sets torch's default dtype while the
         # step runs; keys, values and solves stay float32/float64 whatever the model's dtype.
         distributed = rank_and_world_size()[1] > 1
@@ -507,13 +528,36 @@ class ClosedFormEditor(Editor):
         if distributed:  # every process ends the batch with process 0's tensors, bit for bit
             params = dict(self.model.named_parameters())
             broadcast_tensors(params[name] for name in self.touched)
+        #: The diagnostics of the last edit batch (what is logged as ``edit/<name>``).
+        self.last_diagnostics = {name: float(value) for name, value in diag.items()}
         for name, value in diag.items():
-            self.log(f"edit/{name}", float(value), prog_bar=name in ("v_loss", "update_norm"), on_step=True, batch_size=len(batch))
+            self.log(f"edit/{name}", float(value), prog_bar=name in ("v_loss", "update_norm"), on_step=True, batch_size=len(requests))
+        if accumulate:
+            # The batch is part of the model for good: record it (checkpointed), then announce it
+            # here rather than in on_train_batch_end, so that a checkpoint saved at the end of this
+            # batch (ModelCheckpoint runs before the module's on_train_batch_end) already holds
+            # what the callbacks did with it.
+            self._done.update(self._request_key(r) for r in requests)
+            self.commit_edits(requests)
         return None
 
     @override
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if not self.hparams["accumulate"]:
             self.restore()
-        else:
-            self.commit_edits(batch)
+
+    @override
+    def restore(self, forget: bool = True) -> None:
+        super().restore(forget)
+        if forget:
+            self._done.clear()
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["lit_edit_done"] = sorted(self._done, key=repr)
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self._done = {tuple(k) if isinstance(k, list) else k for k in checkpoint.get("lit_edit_done", [])}

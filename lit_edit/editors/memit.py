@@ -4,6 +4,9 @@
 2. For each edited layer l_i in order: recompute the keys K with the current (partly edited)
    model, the residual R = (Z − H_last) / (n − i) where H_last is the current output of the last
    edited block at the fact token, solve Δ = R Kᵀ (λC + K Kᵀ)⁻¹ in float64 and add it at once.
+
+Diagnostics per layer: the update norm, the fit ‖Δ K − R‖ / ‖R‖ and ``cond``, the estimated
+condition number of λC + K Kᵀ (``edit/cond/layer<l>``, the largest as ``edit/cond_max``).
 """
 
 from __future__ import annotations
@@ -35,8 +38,10 @@ class MEMIT(ClosedFormEditor):
     value_site = "block"
 
     def solve(self, K: torch.Tensor, R: torch.Tensor, C: Optional[torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        """The layer update ``Δ`` (``d_out × d_in``) for keys ``K`` (``d_in × E``) and residuals ``R``."""
-        return memit_solve(K, R, C, self.update_weight()), {}
+        """The layer update ``Δ`` (``d_out × d_in``) for keys ``K`` (``d_in × E``) and residuals ``R``,
+        with ``cond``: the estimated condition number of ``λC + K Kᵀ``, the matrix the solve inverts."""
+        delta, cond = memit_solve(K, R, C, self.update_weight(), with_condition=True)
+        return delta, {"cond": cond}
 
     def solve_layer(self, layer: int, K: torch.Tensor, R: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         """The update of ``layer``: :meth:`solve` with that layer's key statistics."""

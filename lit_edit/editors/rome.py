@@ -5,6 +5,11 @@ k* = template-averaged key, v* = h₀ + δ from the v*/z optimisation at the pro
 Ŵ = W + Λ (C⁻¹k*)ᵀ with Λ = (v* − W k*) / ((C⁻¹k*)ᵀ k*), so Ŵ k* = v* exactly (r-ROME key
 consistency). ``original_rome=True`` reproduces the original code, which uses the bare prompt's
 key in ``W k`` and the denominator (Ŵ k_prompt = v*).
+
+Diagnostics: ``denominator`` (mean over the batch) and ``denominator_min`` of
+``(C⁻¹k*)ᵀ k_d`` (r-ROME: ``k*ᵀ C⁻¹ k*``): the update is the residual divided by it, so a
+denominator that falls over a sequential run (keys drifting into directions C holds little of)
+precedes the runaway updates of a collapse.
 """
 
 from __future__ import annotations
@@ -83,8 +88,8 @@ class ROME(ClosedFormEditor):
         C = self.key_statistics(layer)
         settings = self.value_settings()
         partial = self.settings.values.partial_forward
-        diag = {"v_loss": 0.0, "v_nll": 0.0, "v_steps": 0.0, "update_norm": 0.0, "residual": 0.0}
-        largest = 0.0
+        diag = {"v_loss": 0.0, "v_nll": 0.0, "v_steps": 0.0, "update_norm": 0.0, "residual": 0.0, "denominator": 0.0}
+        largest, smallest = 0.0, float("inf")
         for r in requests:
             k_star = keys_at(self.model, self.tokenizer, [r], layer, groups, arch=self.arch)[0]
             with torch.enable_grad():
@@ -98,7 +103,7 @@ class ROME(ClosedFormEditor):
             else:
                 k_d = k_star
             residual = v_star - self._module_out(k_d)
-            delta = rome_solve(k_star, residual, C, denominator_key=k_d)
+            delta, denominator = rome_solve(k_star, residual, C, denominator_key=k_d, with_denominator=True)
             largest = max(largest, self.write_update(layer, delta, [r]).ratio)
             after = self._module_out(k_d)
             diag["v_loss"] += float(val.loss[0])
@@ -106,4 +111,6 @@ class ROME(ClosedFormEditor):
             diag["v_steps"] += float(val.steps[0])
             diag["update_norm"] += float(delta.norm())
             diag["residual"] += float((after - v_star).norm() / v_star.norm().clamp_min(1e-12))
-        return {**{k: v / len(requests) for k, v in diag.items()}, "update_ratio": largest}
+            diag["denominator"] += denominator
+            smallest = min(smallest, denominator)
+        return {**{k: v / len(requests) for k, v in diag.items()}, "update_ratio": largest, "denominator_min": smallest}
