@@ -12,10 +12,11 @@ One model (the embedded SmolLM2-135M by default) and the same CounterFact record
 section; each fast path is timed against a plain reference a few seconds apart, so every speed
 figure is a ratio taken under the same machine load:
 
-* ``locft``: LocFT-BF as lit_edit fits it (block-input cache, LM head at target positions, the
-  Lightning loop) against the published LocFT-BF loop re-expressed in plain torch (AdamW on the
-  tuned tensor, the whole model and full-vocabulary logits at every step, loss = mean target
-  NLL), at the published settings: ``--n`` CounterFact edits in one mini-batch, ``--epochs``,
+* ``locft``: LocFT-BF as lit_edit fits it (block-input cache, length groups, LM head at target
+  positions, the Lightning loop) against the published LocFT-BF loop re-expressed in plain torch
+  (Adam on the tuned tensor; at every step the whole model on the mini-batch padded to its
+  longest row, full-vocabulary logits copied and scored by cross-entropy at every position, the
+  prompt and padding masked afterwards; loss = mean target NLL), at the published settings: ``--n`` CounterFact edits in one mini-batch, ``--epochs``,
   lr 5e-4, block 20 ``mlp.down_proj``, ``min_loss`` 0 so both take every step. Both loss
   trajectories are recorded and compared. Also: depth-first FT per request at the hub location.
 * ``stats``: key statistics of MEMIT's layers from ``--stats_texts`` Wikipedia texts: every layer
@@ -122,17 +123,18 @@ class Peak:
         self.mb = max(self._peak, psutil.Process().memory_info().rss) / 2**20
 
 
-def timed(device: torch.device, fn: Callable[[], Any]) -> tuple[Any, float, float]:
-    """``(result, seconds, peak MB)`` of ``fn()``."""
+def timed(device: torch.device, fn: Callable[[], Any]) -> tuple[Any, float, float, float]:
+    """``(result, seconds, peak MB, CPU seconds)`` of ``fn()``: wall-clock seconds and this
+    process's CPU seconds (all its threads; steadier than wall time on a shared machine)."""
     with Peak(device) as peak:
         if device.type == "cuda":
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         result = fn()
         if device.type == "cuda":
             torch.cuda.synchronize()
-        seconds = time.perf_counter() - t0
-    return result, seconds, peak.mb
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return result, seconds, peak.mb, cpu
 
 
 class Phases:
@@ -177,35 +179,45 @@ class Phases:
 
 
 def reference_locft(model, tokenizer, requests, weight_name: str, epochs: int, batch_size: int, lr: float, seed: int):
-    """The published LocFT-BF loop, re-expressed: AdamW on one tensor, the whole model and the
-    full-vocabulary logits at every step, loss = mean over requests of the target NLL (EOS
-    appended). Returns (per-step losses, per-epoch seconds); the tensor is left tuned."""
-    from lit_edit.data.tokenize import encode_pairs, target_nll
+    """The published LocFT-BF loop, re-expressed: Adam on one tensor; at every step the whole
+    model runs on the mini-batch padded to its longest row, the logits of every position are
+    shifted into a contiguous copy and scored by a full-vocabulary cross-entropy at every
+    position, and the prompt and padding positions are masked out afterwards; loss = mean over
+    requests of the mean NLL of each request's target tokens (EOS appended). Returns (per-step
+    losses, per-epoch seconds); the tensor is left tuned."""
+    from lit_edit.data.tokenize import IGNORE_INDEX, encode_pairs
 
     device = next(model.parameters()).device
     weight = dict(model.named_parameters())[weight_name]
     model.requires_grad_(False)
     weight.requires_grad_(True)
     model.train()
-    opt = torch.optim.AdamW([weight], lr=lr, weight_decay=0.0)
+    opt = torch.optim.Adam([weight], lr=lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(seed)
-    losses, epoch_seconds = [], []
+    losses, epoch_seconds, epoch_cpu = [], [], []
     for _ in range(epochs):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         order = torch.randperm(len(requests), generator=g).tolist()
         for s in range(0, len(order), batch_size):
             batch = [requests[i] for i in order[s : s + batch_size]]
             enc = encode_pairs(tokenizer, [r.prompt for r in batch], [r.target_new for r in batch], append_eos=True)
-            logits = model(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device)).logits
-            loss = target_nll(logits, enc["labels"].to(device)).mean()
+            ids = enc["input_ids"].to(device)
+            logits = model(input_ids=ids, attention_mask=enc["attention_mask"].to(device)).logits
+            shift_logits = logits[:, :-1, :].contiguous()
+            nll = torch.nn.functional.cross_entropy(
+                shift_logits.view(-1, shift_logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none"
+            ).view(len(batch), -1)
+            label_mask = (enc["labels"][:, 1:] != IGNORE_INDEX).to(device)
+            loss = ((nll * label_mask).sum(1) / label_mask.sum(1)).mean()
             opt.zero_grad()
             loss.backward()
             opt.step()
             losses.append(float(loss.detach()))
         epoch_seconds.append(time.perf_counter() - t0)
+        epoch_cpu.append(time.process_time() - c0)
     weight.requires_grad_(False)
     model.eval()
-    return losses, epoch_seconds
+    return losses, epoch_seconds, epoch_cpu
 
 
 def run_locft(model, tokenizer, args, device) -> dict[str, Any]:
@@ -221,16 +233,17 @@ def run_locft(model, tokenizer, args, device) -> dict[str, Any]:
 
     class Epochs(L.Callback):
         def __init__(self):
-            self.seconds, self.losses, self._t = [], [], 0.0
+            self.seconds, self.cpu, self.losses, self._t, self._c = [], [], [], 0.0, 0.0
 
         def on_train_epoch_start(self, trainer, pl_module):
-            self._t = time.perf_counter()
+            self._t, self._c = time.perf_counter(), time.process_time()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             self.losses.append(float(trainer.callback_metrics["train/loss"]))
 
         def on_train_epoch_end(self, trainer, pl_module):
             self.seconds.append(time.perf_counter() - self._t)
+            self.cpu.append(time.process_time() - self._c)
 
     def lit_edit_fit(cache: bool) -> dict[str, Any]:
         editor = LocFTBF(
@@ -252,9 +265,10 @@ def run_locft(model, tokenizer, args, device) -> dict[str, Any]:
             stop()
 
         editor.stop_block_input_cache = keep_size
-        _, seconds, peak = timed(device, lambda: trainer.fit(editor, datamodule=data))
+        _, seconds, peak, cpu = timed(device, lambda: trainer.fit(editor, datamodule=data))
         editor.restore()
-        return {"seconds": seconds, "epoch_seconds": record.seconds, "losses": record.losses, "peak_mb": peak,
+        return {"seconds": seconds, "cpu_seconds": cpu, "epoch_seconds": record.seconds, "epoch_cpu_seconds": record.cpu,
+                "losses": record.losses, "peak_mb": peak,
                 "cache_mb": cache_mb.get("mb")}
 
     out: dict[str, Any] = {"requests": len(requests), "epochs": args.epochs, "mini_batch": args.n, "lr": args.lr,
@@ -265,14 +279,16 @@ def run_locft(model, tokenizer, args, device) -> dict[str, Any]:
         log.info("LocFT-BF (lit_edit, cache_block_inputs=False)")
         out["no_cache"] = lit_edit_fit(cache=False)
     log.info("LocFT-BF (published loop, plain torch)")
-    (losses, epoch_seconds), seconds, peak = timed(
+    (losses, epoch_seconds, epoch_cpu), seconds, peak, cpu = timed(
         device, lambda: reference_locft(model, tokenizer, requests, name, args.epochs, args.n, args.lr, args.seed)
     )
     with torch.no_grad():
         dict(model.named_parameters())[name].copy_(original)
-    out["reference"] = {"seconds": seconds, "epoch_seconds": epoch_seconds, "losses": losses, "peak_mb": peak}
+    out["reference"] = {"seconds": seconds, "cpu_seconds": cpu, "epoch_seconds": epoch_seconds,
+                        "epoch_cpu_seconds": epoch_cpu, "losses": losses, "peak_mb": peak}
     fast = out["fast"]
     out["speed_ratio"] = seconds / fast["seconds"]
+    out["cpu_ratio"] = cpu / fast["cpu_seconds"]
     n = len(losses)
     out["max_loss_diff"] = max(abs(a - b) for a, b in zip(fast["losses"][:n], losses)) if n else None
     out["final_loss"] = {"fast": fast["losses"][-1], "reference": losses[-1]}
@@ -283,7 +299,7 @@ def run_locft(model, tokenizer, args, device) -> dict[str, Any]:
     trainer = L.Trainer(accelerator=device.type, devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
     data = EditDataModule(requests=list(df_requests), batch_size=1, shuffle=False)
-    _, seconds, peak = timed(device, lambda: trainer.fit(editor, datamodule=data))
+    _, seconds, peak, cpu = timed(device, lambda: trainer.fit(editor, datamodule=data))
     location = editor.parameter_mask()
     editor.restore()
     out["depth_first"] = {"requests": len(df_requests), "steps": args.df_steps, "seconds": seconds,
@@ -310,19 +326,22 @@ def run_stats(model, tokenizer, args, device) -> dict[str, Any]:
     def reference():
         return [stats.accumulate_second_moment(model, m, rows, pad, torch.float64, 8, False) for m in modules]
 
-    ref, seconds, peak = timed(device, reference)
+    ref, seconds, peak, cpu = timed(device, reference)
     count = ref[0][1]
-    out["reference"] = {"seconds": seconds, "peak_mb": peak, "tokens_per_s_per_layer": count * len(layers) / seconds}
+    out["reference"] = {"seconds": seconds, "cpu_seconds": cpu, "peak_mb": peak,
+                        "tokens_per_s_per_layer": count * len(layers) / seconds}
     new_fn = getattr(stats, "accumulate_second_moments", None)
     if new_fn is None:
         out["new"] = None
         out["note"] = "lit_edit.stats.accumulate_second_moments is not available in this tree"
         return out
-    (totals, new_count), seconds, peak = timed(
+    (totals, new_count), seconds, peak, cpu = timed(
         device, lambda: new_fn(model, modules, rows, pad, torch.float64, torch.float32, 8, False)
     )
-    out["new"] = {"seconds": seconds, "peak_mb": peak, "tokens_per_s_per_layer": new_count * len(layers) / seconds}
+    out["new"] = {"seconds": seconds, "cpu_seconds": cpu, "peak_mb": peak,
+                  "tokens_per_s_per_layer": new_count * len(layers) / seconds}
     out["speed_ratio"] = out["reference"]["seconds"] / seconds
+    out["cpu_ratio"] = out["reference"]["cpu_seconds"] / cpu
     out["max_rel_diff"] = max(float((t - r[0]).abs().max() / r[0].abs().max()) for t, r in zip(totals, ref))
     out["same_count"] = new_count == count
     return out
@@ -343,7 +362,7 @@ def run_values(model, tokenizer, args, device) -> dict[str, Any]:
 
     editor = MEMIT(model=model, tokenizer=tokenizer, templates=TemplateOptions(max_per_group=args.values_templates))
     requests = load_requests(args.data, limit=args.values_n, require_subject=True)
-    (result), seconds, peak = timed(device, lambda: compare(editor, requests, steps=args.values_steps))
+    (result), seconds, peak, cpu = timed(device, lambda: compare(editor, requests, steps=args.values_steps))
     result["peak_mb"] = peak
     return result
 
@@ -454,9 +473,9 @@ def run_evaluation(model, tokenizer, args, device) -> dict[str, Any]:
     out: dict[str, Any] = {"requests": len(requests)}
     for protocol in args.protocols:
         evaluator = Evaluator(protocols=[protocol], ppl_texts=args.ppl_texts)  # perplexity: reading the texts included
-        _, seconds, peak = timed(device, lambda ev=evaluator: ev.evaluate(model, tokenizer, requests))
+        _, seconds, peak, cpu = timed(device, lambda ev=evaluator: ev.evaluate(model, tokenizer, requests))
         per = args.ppl_texts if protocol == "perplexity" else len(requests)
-        out[protocol] = {"seconds": seconds, "per": "text" if protocol == "perplexity" else "request", "count": per,
+        out[protocol] = {"seconds": seconds, "cpu_seconds": cpu, "per": "text" if protocol == "perplexity" else "request", "count": per,
                          "seconds_each": seconds / per, "peak_mb": peak}
     return out
 
@@ -492,6 +511,12 @@ def table(result: dict[str, Any]) -> str:
         row("  s per epoch (first)", fast["epoch_seconds"][0], ref["epoch_seconds"][0],
             ref["epoch_seconds"][0] / fast["epoch_seconds"][0])
         row("  s per epoch (later, mean)", mf, mr, mr / mf)
+        if "cpu_seconds" in fast:
+            row("  CPU s (process, all threads)", fast["cpu_seconds"], ref["cpu_seconds"], a["cpu_ratio"])
+            later_fast = fast["epoch_cpu_seconds"][1:] or fast["epoch_cpu_seconds"]
+            later_ref = ref["epoch_cpu_seconds"][1:] or ref["epoch_cpu_seconds"]
+            mf, mr = sum(later_fast) / len(later_fast), sum(later_ref) / len(later_ref)
+            row("  CPU s per epoch (later, mean)", mf, mr, mr / mf)
         row("  final loss / max |loss difference|", f"{a['final_loss']['fast']:.4f}", f"{a['final_loss']['reference']:.4f}",
             f"{a['max_loss_diff']:.1e}")
         if fast.get("cache_mb") is not None:
@@ -508,6 +533,8 @@ def table(result: dict[str, Any]) -> str:
         if b.get("new"):
             row(label, b["new"]["seconds"], b["reference"]["seconds"], b["speed_ratio"],
                 f"{b['new']['peak_mb']:.0f}/{b['reference']['peak_mb']:.0f}")
+            if "cpu_seconds" in b["new"]:
+                row("  CPU s (process, all threads)", b["new"]["cpu_seconds"], b["reference"]["cpu_seconds"], b["cpu_ratio"])
             row("  tokens/s per layer", b["new"]["tokens_per_s_per_layer"], b["reference"]["tokens_per_s_per_layer"])
             row("  max relative difference", f"{b['max_rel_diff']:.1e}")
         else:

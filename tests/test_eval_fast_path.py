@@ -1,5 +1,6 @@
 """The evaluation fast path (length-sorted teacher forcing with the head at target positions,
-cached greedy generation with a token-table stop rule) gives the figures of the plain reference
+cached greedy generation with a token-table stop rule, targets scored and continuations generated
+from one pass over each prompt) gives the figures of the plain reference
 computation: ``reference_score_pairs`` / ``reference_greedy_generate`` (batches in the given
 order, full logits, ``model.generate`` with a stopping criterion that decodes every step)."""
 
@@ -19,6 +20,7 @@ from lit_edit.evaluation.scoring import (
     greedy_generate,
     reference_greedy_generate,
     reference_score_pairs,
+    score_and_generate,
     score_pairs,
     stop_token_table,
     with_progress,
@@ -128,11 +130,52 @@ def test_greedy_generate_stops_mid_token_and_at_a_first_eos(model, tokenizer):
     assert texts[1] == tokenizer.decode([first], skip_special_tokens=True).split(middle)[0]  # that one token, cut
 
 
+@pytest.mark.parametrize("batch_size", [1, 3, 16])
+def test_score_and_generate_matches_scoring_and_generating_apart(model, tokenizer, batch_size):
+    """One pass per prompt: each target's NLL and argmax equal the plain teacher-forced reference
+    (prompts of very different lengths, one- and many-token targets, prompts with no target or
+    no generation), and each continuation equals the plain generation."""
+    targets = [[TARGETS[i], TARGETS[(i + 3) % len(TARGETS)]] for i in range(len(PROMPTS))]
+    targets[2], targets[4] = [], [TARGETS[4]]
+    generate = [i != 1 for i in range(len(PROMPTS))]
+    scores, texts = score_and_generate(model, tokenizer, PROMPTS, targets, generate, max_new_tokens=10, batch_size=batch_size)
+    flat = [(p, t) for p, ts in zip(PROMPTS, targets) for t in ts]
+    ref_nll, ref_tokens = reference_score_pairs(model, tokenizer, [p for p, _ in flat], [t for _, t in flat])
+    got = [s for row in scores for s in row]
+    assert len(got) == len(flat) == 11 and [len(row) for row in scores] == [len(t) for t in targets]
+    assert any(len(gold) > 3 for _, (_, gold) in got) and any(len(gold) == 1 for _, (_, gold) in got)
+    torch.testing.assert_close(torch.tensor([v for v, _ in got]), ref_nll, rtol=1e-5, atol=1e-5)
+    for (_, (pred, gold)), (ref_pred, ref_gold) in zip(got, ref_tokens):
+        assert torch.equal(gold, ref_gold) and torch.equal(pred, ref_pred)
+    ref_texts = reference_greedy_generate(model, tokenizer, [p for p, g in zip(PROMPTS, generate) if g], max_new_tokens=10)
+    assert texts[1] is None and [t for t, g in zip(texts, generate) if g] == ref_texts and any(ref_texts)
+
+
+def test_score_and_generate_falls_back_for_other_caches(model, tokenizer, monkeypatch):
+    """A cache that is not a plain growing one is never extended for scoring: the targets are
+    scored by ``score_pairs`` and the continuations are unchanged."""
+    from lit_edit.evaluation import scoring
+
+    targets = [[t] for t in TARGETS]
+    fast = score_and_generate(model, tokenizer, PROMPTS, targets, [True] * len(PROMPTS), max_new_tokens=6, batch_size=4)
+    monkeypatch.setattr(scoring, "_plain_dynamic_cache", lambda cache: False)
+    monkeypatch.setattr(scoring, "_score_on_cache", None)  # must not be reached
+    slow = score_and_generate(model, tokenizer, PROMPTS, targets, [True] * len(PROMPTS), max_new_tokens=6, batch_size=4)
+    assert fast[1] == slow[1]
+    for a, b in zip(fast[0], slow[0]):
+        assert a[0][0] == pytest.approx(b[0][0], rel=1e-5) and torch.equal(a[0][1][0], b[0][1][0])
+    with pytest.raises(ValueError, match="target lists"):
+        score_and_generate(model, tokenizer, PROMPTS, targets[:2], [True] * len(PROMPTS))
+
+
 def test_evaluator_figures_match_the_reference_functions(model, tokenizer, requests, monkeypatch):
     evaluator = Evaluator(batch_size=2, max_new_tokens=8, ppl_corpus=PROMPTS * 2, ppl_texts=10)
     fast = evaluator.evaluate(model, tokenizer, requests)
+    assert evaluator.shares_prompts  # the fast run scored and generated from one pass per prompt
+    monkeypatch.setattr(Evaluator, "shares_prompts", property(lambda self: False))
     monkeypatch.setattr(evaluator_module, "score_pairs", reference_score_pairs)
     monkeypatch.setattr(evaluator_module, "greedy_generate", reference_greedy_generate)
+    monkeypatch.setattr(evaluator_module, "score_and_generate", None)  # the reference never calls it
     ref = evaluator.evaluate(model, tokenizer, requests)
     assert fast.figures.keys() == ref.figures.keys() and len(fast.figures) >= 10
     for name, value in ref.figures.items():

@@ -40,7 +40,14 @@ from lit_edit.evaluation.divergence import TopKDistribution, next_token_logprobs
 from lit_edit.evaluation.harness import HarnessOptions, harness_options, run_harness
 from lit_edit.evaluation.metrics import ExactMatch, NextTokenKL, Perplexity, ProbabilityComparison, TokenAccuracy
 from lit_edit.evaluation.protocols import FLUENCY_TOKENS, PROTOCOLS, check_protocols
-from lit_edit.evaluation.scoring import greedy_generate, ngram_entropy, normalize_answer, score_pairs, text_nll
+from lit_edit.evaluation.scoring import (
+    greedy_generate,
+    ngram_entropy,
+    normalize_answer,
+    score_and_generate,
+    score_pairs,
+    text_nll,
+)
 from lit_edit.options import check_int
 
 log = logging.getLogger(__name__)
@@ -248,10 +255,11 @@ class Evaluator:
         ref = reference if reference is not None else made
         figures: dict[str, torch.Tensor] = {}
 
+        shared = self._prompt_pass(model, tokenizer, mine) if self.shares_prompts else None
         if "probability" in self.protocols or "token_accuracy" in self.protocols:
-            figures.update(self._teacher_forced(model, tokenizer, mine, ref, made))
+            figures.update(self._teacher_forced(model, tokenizer, mine, ref, made, shared))
         if "generation" in self.protocols:
-            figures.update(self._generation(model, tokenizer, mine, ref, made))
+            figures.update(self._generation(model, tokenizer, mine, ref, made, shared))
         if "fluency" in self.protocols:
             texts = greedy_generate(
                 model, tokenizer, [r.prompt for r in mine], FLUENCY_TOKENS, self.generation_batch_size, stop_strings=(), progress=True
@@ -284,6 +292,19 @@ class Evaluator:
         """
         ref = EvaluationReference(num_requests=len(requests) if num_requests is None else num_requests)
         pairs = list(dict.fromkeys((x.prompt, x.answer) for r in requests for x in r.locality))
+        if "token_accuracy" in self.protocols and "generation" in self.protocols and pairs:
+            prompts = list(dict.fromkeys(p for p, _ in pairs))
+            answers: dict[str, list[str]] = {p: [] for p in prompts}
+            for p, a in pairs:
+                answers[p].append(a)
+            scores, texts = score_and_generate(
+                model, tokenizer, prompts, [answers[p] for p in prompts], [True] * len(prompts), self.max_new_tokens,
+                self.generation_batch_size, progress=True,
+            )
+            for p, got in zip(prompts, scores):
+                ref.locality_argmax.update({(p, a): pred for a, (_, (pred, _)) in zip(answers[p], got)})
+            ref.locality_generations.update(zip(prompts, texts))
+            pairs = []
         if "token_accuracy" in self.protocols and pairs:
             _, tokens = score_pairs(model, tokenizer, [p for p, _ in pairs], [a for _, a in pairs], self.batch_size, progress=True)
             ref.locality_argmax.update({pair: pred for pair, (pred, _) in zip(pairs, tokens)})
@@ -323,7 +344,37 @@ class Evaluator:
         computed = metric.compute()
         return {f"kl/{name}": computed["mean"], f"kl/{name}/p95": computed["p95"]}
 
-    def _teacher_forced(self, model, tokenizer, requests, ref, made) -> dict[str, torch.Tensor]:
+    @property
+    def shares_prompts(self) -> bool:
+        """Whether teacher forcing and generation run from one pass over each prompt
+        (:func:`~lit_edit.evaluation.scoring.score_and_generate`): both kinds of protocol selected."""
+        return "generation" in self.protocols and ("probability" in self.protocols or "token_accuracy" in self.protocols)
+
+    def _prompt_pass(self, model, tokenizer, requests) -> dict[str, Any]:
+        """Teacher-forced scores of every pair and the generation from every prompt, one pass
+        over each distinct prompt: ``{"nll": {pair: nll}, "argmax": {pair: (pred, gold)},
+        "generations": {prompt: text}}``."""
+        pairs = self._teacher_forced_pairs(requests)
+        generated = self._generation_prompts(requests)
+        prompts = list(dict.fromkeys([*generated, *(p for p, _ in pairs)]))
+        targets: dict[str, list[str]] = {p: [] for p in prompts}
+        for p, t in pairs:
+            targets[p].append(t)
+        wanted = set(generated)
+        scores, texts = score_and_generate(
+            model, tokenizer, prompts, [targets[p] for p in prompts], [p in wanted for p in prompts], self.max_new_tokens,
+            self.generation_batch_size, progress=True,
+        )
+        nll: dict[tuple[str, str], torch.Tensor] = {}
+        argmax: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
+        for p, got in zip(prompts, scores):
+            for t, (value, tokens) in zip(targets[p], got):
+                nll[p, t] = torch.tensor(value, dtype=torch.float32)
+                argmax[p, t] = tokens
+        return {"nll": nll, "argmax": argmax, "generations": {p: x for p, x in zip(prompts, texts) if p in wanted}}
+
+    def _teacher_forced_pairs(self, requests) -> dict[tuple[str, str], int]:
+        """Every distinct (prompt, target) pair the teacher-forced protocols score."""
         want_prob = "probability" in self.protocols
         want_tok = "token_accuracy" in self.protocols
         pairs: dict[tuple[str, str], int] = {}
@@ -346,15 +397,33 @@ class Evaluator:
             if want_tok:
                 for port in r.portability:
                     need(port.prompt, port.answer)
+        return pairs
+
+    def _generation_prompts(self, requests) -> list[str]:
+        """Every distinct prompt the generation protocol continues."""
+        prompts: dict[str, int] = {}
+        for r in requests:
+            for p in (r.prompt, *r.paraphrase_prompts, *(x.prompt for x in r.locality), *(x.prompt for x in r.portability)):
+                prompts.setdefault(p, len(prompts))
+        return list(prompts)
+
+    def _teacher_forced(self, model, tokenizer, requests, ref, made, shared=None) -> dict[str, torch.Tensor]:
+        want_prob = "probability" in self.protocols
+        want_tok = "token_accuracy" in self.protocols
+        pairs = self._teacher_forced_pairs(requests)
         keys = list(pairs)
-        if keys:
+        if shared is not None:
+            score = {k: shared["nll"][k] for k in keys}
+            argmax = {k: shared["argmax"][k] for k in keys} if want_tok else {}
+        elif keys:
             nll, tokens = score_pairs(
                 model, tokenizer, [k[0] for k in keys], [k[1] for k in keys], self.batch_size, with_argmax=want_tok, progress=True
             )
         else:
             nll, tokens = torch.zeros(0), []
-        score = {k: nll[i] for k, i in pairs.items()}
-        argmax = {k: tokens[i] for k, i in pairs.items()} if tokens else {}
+        if shared is None:
+            score = {k: nll[i] for k, i in pairs.items()}
+            argmax = {k: tokens[i] for k, i in pairs.items()} if tokens else {}
         if made is not None and want_tok:
             for r in requests:
                 for loc in r.locality:
@@ -390,13 +459,13 @@ class Evaluator:
             out.update({f"tok_acc/{k}": _quiet_compute(m) for k, m in accs.items()})
         return out
 
-    def _generation(self, model, tokenizer, requests, ref, made) -> dict[str, torch.Tensor]:
-        prompts: dict[str, int] = {}
-        for r in requests:
-            for p in (r.prompt, *r.paraphrase_prompts, *(x.prompt for x in r.locality), *(x.prompt for x in r.portability)):
-                prompts.setdefault(p, len(prompts))
-        texts = greedy_generate(model, tokenizer, list(prompts), self.max_new_tokens, self.generation_batch_size, progress=True)
-        gen = dict(zip(prompts, texts))
+    def _generation(self, model, tokenizer, requests, ref, made, shared=None) -> dict[str, torch.Tensor]:
+        if shared is not None:
+            gen = shared["generations"]
+        else:
+            prompts = self._generation_prompts(requests)
+            texts = greedy_generate(model, tokenizer, prompts, self.max_new_tokens, self.generation_batch_size, progress=True)
+            gen = dict(zip(prompts, texts))
         if made is not None:
             made.locality_generations.update({x.prompt: gen[x.prompt] for r in requests for x in r.locality})
         ems = {name: ExactMatch() for name in ("reliability", "generalization", "locality", "portability")}

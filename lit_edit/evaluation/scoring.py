@@ -37,6 +37,7 @@ __all__ = [
     "perplexity",
     "reference_greedy_generate",
     "reference_score_pairs",
+    "score_and_generate",
     "score_pairs",
     "stop_token_table",
     "teacher_forced_argmax",
@@ -377,19 +378,45 @@ def _greedy_rows(
     with (and includes) the token that stops it: one in ``done_ids``, or the one after which
     its decoded text holds one of ``decode_stops``, or the ``max_new_tokens``-th; a row that
     ended leaves the batch (its cache rows are dropped)."""
+    logits, cache, positions = _prefill(model, ids, mask)
+    return _decode(model, tokenizer, logits, cache, mask, positions[:, -1], max_new_tokens, done_ids, decode_stops)
+
+
+def _cache_arg(model: nn.Module) -> str:
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _prefill(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, Any, torch.Tensor]:
+    """One pass over left-padded prompts: ``(logits at the last position (B, V), key/value cache,
+    position ids (B, T))``; padding positions get position 0."""
     accepted = inspect.signature(model.forward).parameters
-    cache_arg = "cache" if "cache" in accepted else "past_key_values"
     last_only = {"logits_to_keep": 1} if "logits_to_keep" in accepted else {}
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **last_only)
     cache = getattr(out, "cache", None)
     if cache is None:
         cache = out.past_key_values
-    live = list(range(ids.shape[0]))
+    return out.logits[:, -1], cache, positions
+
+
+def _decode(
+    model: nn.Module,
+    tokenizer: Any,
+    logits: torch.Tensor,
+    cache: Any,
+    mask: torch.Tensor,
+    last: torch.Tensor,
+    max_new_tokens: int,
+    done_ids: torch.Tensor,
+    decode_stops: tuple[str, ...],
+) -> list[list[int]]:
+    """Greedy decoding from the last-position ``logits`` of a prefill and its ``cache`` (see
+    :func:`_greedy_rows`); ``last`` holds each row's last position id."""
+    cache_arg = _cache_arg(model)
+    live = list(range(logits.shape[0]))
     new: list[list[int]] = [[] for _ in live]
-    last = positions[:, -1]
     for step in range(max_new_tokens):
-        token = out.logits[:, -1].float().argmax(-1)
+        token = logits.float().argmax(-1)
         ended = done_ids[token]
         for row, t in zip(live, token.tolist()):
             new[row].append(t)
@@ -406,7 +433,152 @@ def _greedy_rows(
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
         last = last + 1
         out = model(input_ids=token[:, None], attention_mask=mask, position_ids=last[:, None], use_cache=True, **{cache_arg: cache})
+        logits = out.logits[:, -1]
     return new
+
+
+def _plain_dynamic_cache(cache: Any) -> bool:
+    """Whether every layer of ``cache`` is a plain growing key/value cache (no sliding window,
+    no quantisation), whose tensors a pass replaces rather than changes in place."""
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(type(layer).__name__ == "DynamicLayer" for layer in layers)
+
+
+@torch.no_grad()
+def score_and_generate(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    targets: Sequence[Sequence[str]],
+    generate: Sequence[bool],
+    max_new_tokens: int = 32,
+    batch_size: int = 64,
+    stop_strings: Sequence[str] = STOP_STRINGS,
+    progress: bool = False,
+) -> tuple[list[list[tuple[float, tuple[torch.Tensor, torch.Tensor]]]], list[Optional[str]]]:
+    """Teacher-forced scores of each prompt's targets and, where ``generate``, its greedy
+    continuation, from one pass over the prompt.
+
+    Returns ``(scores, texts)``: ``scores[i][j] = (mean token NLL, (argmax ids, target ids))``
+    of ``targets[i][j]`` after ``prompts[i]`` (as :func:`score_pairs` gives them), and
+    ``texts[i]`` the continuation of ``prompts[i]`` (as :func:`greedy_generate` gives it) or
+    ``None`` where ``generate[i]`` is false.
+
+    Prompts run sorted by length in left-padded batches of ``batch_size``. Each batch is run
+    once with a key/value cache: the logits at its last position score every target's first
+    token and start the generation; the rest of each target runs on a copy of the cache rows of
+    its prompt, and the generation continues from the cache itself. Where a target and a
+    continuation share a prompt (CounterFact's edit, paraphrase and neighbourhood prompts are
+    each scored with two targets and generated from), the prompt is computed once instead of
+    three times. Generations equal :func:`greedy_generate`'s for the same batches; scores equal
+    :func:`score_pairs`'s up to float rounding. A model whose cache is not a plain growing one
+    (sliding window, quantised) scores its targets with :func:`score_pairs` instead.
+    """
+    if not (len(prompts) == len(targets) == len(generate)):
+        raise ValueError(f"{len(prompts)} prompts, {len(targets)} target lists and {len(generate)} generate flags")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    from lit_edit.data.tokenize import encode_target
+
+    scores: list[list[Any]] = [[None] * len(t) for t in targets]
+    texts: list[Optional[str]] = [None] * len(prompts)
+    if not prompts:
+        return scores, texts
+    device = model_device(model)
+    eos = _eos_ids(model, tokenizer)
+    stops = tuple(stop_strings)
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    table = stop_token_table(tokenizer, stops, vocab) if stops else None
+    done_ids = torch.zeros(max(len(tokenizer), vocab or 0, max(eos) + 1), dtype=torch.bool)
+    done_ids[eos] = True
+    if table is not None:
+        done_ids[: len(table)] |= table
+    done_ids = done_ids.to(device)
+    target_ids = [[encode_target(tokenizer, t) for t in ts] for ts in targets]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    head = _head_module(model)
+    cache_arg = _cache_arg(model)
+    encoded = encode_left_padded(tokenizer, prompts)
+    lengths = encoded["attention_mask"].sum(1).tolist()
+    order = sorted(range(len(prompts)), key=lambda i: lengths[i])
+    groups = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    with eval_mode(model):
+        for group in with_progress(groups, total=len(groups), desc="scoring and generating") if progress else groups:
+            width = max(lengths[i] for i in group)
+            index = torch.tensor(group, dtype=torch.long)
+            ids = encoded["input_ids"][index, -width:].to(device)
+            mask = encoded["attention_mask"][index, -width:].to(device)
+            logits, cache, positions = _prefill(model, ids, mask)
+            pairs = [(b, j) for b, i in enumerate(group) for j in range(len(targets[i]))]
+            if pairs and not _plain_dynamic_cache(cache):
+                flat = [(group[b], j) for b, j in pairs]
+                nll, tokens = score_pairs(model, tokenizer, [prompts[i] for i, _ in flat],
+                                          [targets[i][j] for i, j in flat], batch_size)
+                for k, (i, j) in enumerate(flat):
+                    scores[i][j] = (float(nll[k]), tokens[k])
+            elif pairs:
+                _score_on_cache(model, head, cache, cache_arg, logits, mask, positions, group, pairs, target_ids, pad, scores)
+            wanted = [b for b, i in enumerate(group) if generate[i]]
+            if not wanted:
+                continue
+            if len(wanted) < len(group):
+                keep = torch.tensor(wanted, device=device)
+                cache.batch_select_indices(keep)
+                logits, mask, positions = logits[keep], mask[keep], positions[keep]
+            new = _decode(model, tokenizer, logits, cache, mask, positions[:, -1], max_new_tokens, done_ids,
+                          stops if table is None else ())
+            for b, tokens_b in zip(wanted, new):
+                text = tokenizer.decode(tokens_b, skip_special_tokens=True)
+                texts[group[b]] = truncate_at_stop(text, stops) if stops else text
+    return scores, texts
+
+
+def _score_on_cache(model, head, cache, cache_arg, logits, mask, positions, group, pairs, target_ids, pad, scores) -> None:
+    """Score ``pairs`` (``(row in the batch, target index)``) from a prefill's last-position
+    ``logits`` and ``cache``; the cache's tensors are put back afterwards."""
+    device = logits.device
+    first = logits.float().log_softmax(-1)
+    rest = [(b, j) for b, j in pairs if len(target_ids[group[b]][j]) > 1]
+    later: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+    if rest:
+        saved = [(layer.keys, layer.values) for layer in cache.layers]
+        rows = torch.tensor([b for b, _ in rest], device=device)
+        feeds = [target_ids[group[b]][j][:-1] for b, j in rest]  # the last target token predicts nothing
+        span = max(map(len, feeds))
+        tin, tmask = pad_rows(feeds, pad)
+        tin, tmask = tin.to(device), tmask.to(device)
+        try:
+            cache.batch_select_indices(rows)
+            keep = tmask.bool()
+            hook = None
+            if head is not None:
+                hook = head.register_forward_pre_hook(lambda _m, args: (args[0][keep].unsqueeze(0), *args[1:]))
+            try:
+                out = model(
+                    input_ids=tin, attention_mask=torch.cat([mask[rows], tmask], dim=1),
+                    position_ids=positions[rows, -1:] + 1 + torch.arange(span, device=device), use_cache=True,
+                    **{cache_arg: cache},
+                )
+            finally:
+                if hook is not None:
+                    hook.remove()
+            flat = out.logits.reshape(-1, out.logits.shape[-1]) if head is not None else out.logits[keep]
+        finally:
+            for layer, (k, v) in zip(cache.layers, saved):
+                layer.keys, layer.values = k, v
+        flat = flat.float()
+        counts = [len(f) for f in feeds]
+        for (b, j), lg in zip(rest, flat.split(counts)):
+            later[b, j] = (lg, torch.tensor(target_ids[group[b]][j][1:], device=device))
+    for b, j in pairs:
+        gold = target_ids[group[b]][j]
+        nll = -first[b, gold[0]]
+        pred = [int(logits[b].float().argmax())]
+        if (b, j) in later:
+            lg, g = later[b, j]
+            nll = nll + torch.nn.functional.cross_entropy(lg, g, reduction="sum")
+            pred += lg.argmax(-1).tolist()
+        scores[group[b]][j] = (float(nll) / len(gold), (torch.tensor(pred), torch.tensor(gold)))
 
 
 @torch.no_grad()
