@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
-__all__ = ["heatmap", "line_plot"]
+__all__ = ["curve_plot", "heatmap", "line_plot"]
 
 
 def _number(value: Any) -> float:
@@ -33,7 +33,7 @@ def _save(plt: Any, fig: Any, path: Path, title: str) -> Path:
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, format="png")  # PNG whatever the name (atomic writers save under a temporary one)
     plt.close(fig)
     return Path(path)
 
@@ -99,4 +99,44 @@ def line_plot(
         ax.set_title(metric, fontsize=9)
         ax.set_xlabel(x_key)
     axes[0][0].legend(fontsize=7)
+    return _save(plt, fig, path, title)
+
+
+def curve_plot(
+    rows: list[dict[str, Any]],
+    panels: Union[Mapping[str, Sequence[str]], Sequence[str]],
+    path: Path,
+    x_key: str = "edits_applied",
+    title: str = "",
+    log_scale: Sequence[str] = (),
+    columns: int = 4,
+) -> Path:
+    """Values of one run against ``x_key`` (a retention curve): one panel per entry of
+    ``panels`` (a title → the metrics drawn in it as lines, or a list of metrics, one panel
+    each). Missing or non-numeric values are skipped; panels whose title is in ``log_scale``
+    (e.g. condition numbers) get a logarithmic y axis. Panels wrap after ``columns``."""
+    plt = _pyplot()
+    groups = dict(panels) if isinstance(panels, Mapping) else {m: [m] for m in panels}
+    if not groups:
+        raise ValueError("curve_plot needs at least one panel")
+    ncols = min(columns, len(groups))
+    nrows = -(-len(groups) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols, 3.0 * nrows), squeeze=False)
+    for i, (name, metrics) in enumerate(groups.items()):
+        ax = axes[i // ncols][i % ncols]
+        positive = False
+        for metric in metrics:
+            pts = sorted((_number(r.get(x_key)), _number(r.get(metric))) for r in rows)
+            pts = [(x, y) for x, y in pts if math.isfinite(x) and math.isfinite(y)]
+            positive = positive or any(y > 0 for _, y in pts)
+            style = {"linestyle": "--"} if metric.startswith("first/") else {}
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=3, label=metric, **style)
+        if name in log_scale and positive:
+            ax.set_yscale("log")
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel(x_key, fontsize=8)
+        if len(metrics) > 1:
+            ax.legend(fontsize=6)
+    for j in range(len(groups), nrows * ncols):
+        axes[j // ncols][j % ncols].axis("off")
     return _save(plt, fig, path, title)

@@ -14,8 +14,10 @@ of each applied batch are recorded (by case id, in Lightning checkpoints) and an
 callbacks (:meth:`~lit_edit.editors.base.Editor.commit_edits`) at the end of ``training_step``:
 a fit resumed with ``trainer.fit(..., ckpt_path=...)`` skips a request it already applied, even
 if Lightning hands its batch over again, and a checkpoint saved at the end of a batch holds what
-the callbacks made of it. :attr:`ClosedFormEditor.last_diagnostics` keeps the diagnostics of the
-last batch (logged as ``edit/<name>``).
+the callbacks made of it. Each applied batch counts as a training step (``trainer.global_step``),
+so ``ModelCheckpoint(every_n_train_steps=1)`` saves after every edit batch; checkpoints hold only
+the tensors an edit changed (and their originals). :attr:`ClosedFormEditor.last_diagnostics`
+keeps the diagnostics of the last batch (logged as ``edit/<name>``).
 
 Settings come in three groups, each a dataclass that the command line nests
 (``--model.values.steps 10``): :class:`ValueOptions` (the v*/z optimisation),
@@ -492,7 +494,32 @@ class ClosedFormEditor(Editor):
     @override
     def on_fit_start(self) -> None:
         self.match_originals_dtype()
-        self.prepare_statistics()
+        # Statistics and context templates describe the base model. A fit resumed from a
+        # checkpoint starts with the checkpoint's edits in the weights: both are computed (or
+        # found in their caches, keyed by the weights) with the originals put back meanwhile, so
+        # the resumed run edits with what the uninterrupted one used.
+        with self.unedited():
+            self.prepare_statistics()
+            self.context_templates()
+
+    @contextmanager
+    def unedited(self) -> Iterator[None]:
+        """The base model's values in every touched tensor for the duration (bit for bit), the
+        edited values back afterwards, also on error."""
+        if not self._originals:
+            yield
+            return
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            edited = {name: params[name].detach().clone() for name in self._originals}
+            for name, value in self._originals.items():
+                params[name].copy_(value.to(params[name].device))
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, value in edited.items():
+                    params[name].copy_(value)
 
     def edit(self, requests: list[EditRequest]) -> dict[str, float]:
         """Apply one edit batch in place; returns diagnostics."""
@@ -532,6 +559,7 @@ class ClosedFormEditor(Editor):
         self.last_diagnostics = {name: float(value) for name, value in diag.items()}
         for name, value in diag.items():
             self.log(f"edit/{name}", float(value), prog_bar=name in ("v_loss", "update_norm"), on_step=True, batch_size=len(requests))
+        self._count_edit_batch()
         if accumulate:
             # The batch is part of the model for good: record it (checkpointed), then announce it
             # here rather than in on_train_batch_end, so that a checkpoint saved at the end of this
@@ -541,10 +569,27 @@ class ClosedFormEditor(Editor):
             self.commit_edits(requests)
         return None
 
+    def _count_edit_batch(self) -> None:
+        """Count an applied edit batch as a training step (``trainer.global_step``): there is no
+        optimizer to count it, and step-based settings (``ModelCheckpoint(every_n_train_steps=...)``,
+        ``max_steps``) then count edit batches. The count is part of the checkpointed loop state."""
+        trainer = self._trainer
+        if trainer is None:
+            return
+        progress = trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
+        progress.increment_ready()
+        progress.increment_completed()
+
     @override
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if not self.hparams["accumulate"]:
             self.restore()
+
+    @override
+    def _kept_state_keys(self) -> set[str]:
+        # Only the tensors an edit changed: nothing is trained, so the rest of the model (whose
+        # parameters keep requires_grad) is the base model's and stays out of checkpoints.
+        return {f"model.{n}" for n in self._originals}
 
     @override
     def restore(self, forget: bool = True) -> None:

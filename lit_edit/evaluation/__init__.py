@@ -5,6 +5,8 @@
 - :mod:`~lit_edit.evaluation.protocols`: protocol, figure and timing descriptions;
 - :mod:`~lit_edit.evaluation.report`: flat metrics, summary JSON and the before → after table;
 - :mod:`~lit_edit.evaluation.callback`: :class:`EditEvaluation`, the engine run from Lightning hooks;
+- :mod:`~lit_edit.evaluation.retention`: :class:`RetentionCurve`, figures of a sequential run every
+  ``every`` committed edits (CSV, plot, resumable);
 - :mod:`~lit_edit.evaluation.harness`: the ``harness`` protocol (lm-evaluation-harness tasks,
   :class:`HarnessOptions`; optional extra ``lmeval``);
 - :mod:`~lit_edit.evaluation.metrics` and :mod:`~lit_edit.evaluation.scoring`: torchmetrics
@@ -16,6 +18,7 @@ from lit_edit.evaluation.evaluator import Evaluation, EvaluationReference, Evalu
 from lit_edit.evaluation.harness import HarnessOptions
 from lit_edit.evaluation.metrics import ExactMatch, Perplexity, ProbabilityComparison, TokenAccuracy
 from lit_edit.evaluation.protocols import FIGURES, PROTOCOLS, TIMING
+from lit_edit.evaluation.retention import RetentionCurve
 from lit_edit.evaluation.scoring import (
     STOP_STRINGS,
     StopOnStrings,
@@ -43,6 +46,7 @@ __all__ = [
     "HarnessOptions",
     "Perplexity",
     "ProbabilityComparison",
+    "RetentionCurve",
     "StopOnStrings",
     "TokenAccuracy",
     "UneditedCache",
