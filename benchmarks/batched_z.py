@@ -32,12 +32,12 @@ def compare(editor, requests, layer=None, site="block", steps=None) -> dict:
         settings = type(settings)(**{**settings.__dict__, "steps": steps})
     model, tok = editor.model, editor.tokenizer
     with torch.enable_grad():
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         batched = optimize_values(model, tok, requests, layer, site, templates, settings, progress=False)
-        t_batched = time.perf_counter() - t0
-        t0 = time.perf_counter()
+        t_batched, c_batched = time.perf_counter() - t0, time.process_time() - c0
+        t0, c0 = time.perf_counter(), time.process_time()
         singles = [optimize_values(model, tok, [r], layer, site, templates, settings, progress=False) for r in requests]
-        t_single = time.perf_counter() - t0
+        t_single, c_single = time.perf_counter() - t0, time.process_time() - c0
     z_single = torch.cat([s.target for s in singles])
     diff = (batched.target - z_single).abs()
     rel = (batched.target - z_single).norm(dim=1) / z_single.norm(dim=1)
@@ -51,6 +51,9 @@ def compare(editor, requests, layer=None, site="block", steps=None) -> dict:
         "seconds_batched": round(t_batched, 2),
         "seconds_one_by_one": round(t_single, 2),
         "speed_ratio": round(t_single / t_batched, 2),
+        "cpu_seconds_batched": round(c_batched, 2),
+        "cpu_seconds_one_by_one": round(c_single, 2),
+        "cpu_ratio": round(c_single / c_batched, 2),
         "max_abs_diff": float(diff.max()),
         "max_rel_diff": float(rel.max()),
         "max_abs_z": float(z_single.abs().max()),

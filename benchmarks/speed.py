@@ -543,6 +543,8 @@ def table(result: dict[str, Any]) -> str:
         c = s["values"]
         row(f"v*/z, {c['requests']} requests ({c['templates']} templates), s", c["seconds_batched"],
             c["seconds_one_by_one"], c["speed_ratio"], f"{c['peak_mb']:.0f}")
+        if "cpu_ratio" in c:
+            row("  CPU s (process, all threads)", c["cpu_seconds_batched"], c["cpu_seconds_one_by_one"], c["cpu_ratio"])
         row("  max relative z difference", f"{c['max_rel_diff']:.1e}")
     if "closed_form" in s:
         d = s["closed_form"]
@@ -585,7 +587,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     p.add_argument("--df_n", type=int, default=3, help="depth-first FT requests")
     p.add_argument("--df_steps", type=int, default=25)
     p.add_argument("--stats_texts", type=int, default=64)
-    p.add_argument("--values_n", type=int, default=4)
+    p.add_argument("--values_n", type=int, default=16, help="v*/z requests (the MEMIT recipe optimises 16 at a time)")
     p.add_argument("--values_steps", type=int, default=5)
     p.add_argument("--values_templates", type=int, default=None, help="keep at most this many sampled templates per group")
     p.add_argument("--rome_n", type=int, default=1)

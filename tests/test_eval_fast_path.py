@@ -12,12 +12,16 @@ import random
 import pytest
 import torch
 from helpers import make_tiny_llama
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lit_edit.evaluation import Evaluator
 from lit_edit.evaluation import evaluator as evaluator_module
 from lit_edit.evaluation.scoring import (
     StopOnStrings,
+    can_still_match,
     greedy_generate,
+    normalize_answer,
     reference_greedy_generate,
     reference_score_pairs,
     score_and_generate,
@@ -151,6 +155,23 @@ def test_score_and_generate_matches_scoring_and_generating_apart(model, tokenize
     assert texts[1] is None and [t for t, g in zip(texts, generate) if g] == ref_texts and any(ref_texts)
 
 
+def test_score_and_generate_stops_decided_rows_with_the_same_exact_match(model, tokenizer):
+    """Rows whose only use is an exact match stop once they can match no answer: their exact
+    match is the full continuation's; rows without answers run in full."""
+    full = reference_greedy_generate(model, tokenizer, PROMPTS, max_new_tokens=12)
+    answers = [[full[0]], [TARGETS[1]], None, [full[3][:3], "zz"], [TARGETS[4]], None, [full[6] + " more"]]
+    _, texts = score_and_generate(model, tokenizer, PROMPTS, [[]] * len(PROMPTS), [True] * len(PROMPTS),
+                                  max_new_tokens=12, batch_size=3, answers=answers)
+    for text, ref, options in zip(texts, full, answers):
+        if options is None:
+            assert text == ref
+        else:
+            assert ref.startswith(text)
+            for o in options:
+                assert (normalize_answer(text) == normalize_answer(o)) == (normalize_answer(ref) == normalize_answer(o))
+    assert texts[0] == full[0] and sum(len(t) < len(f) for t, f in zip(texts, full)) >= 2
+
+
 def test_score_and_generate_falls_back_for_other_caches(model, tokenizer, monkeypatch):
     """A cache that is not a plain growing one is never extended for scoring: the targets are
     scored by ``score_pairs`` and the continuations are unchanged."""
@@ -166,6 +187,30 @@ def test_score_and_generate_falls_back_for_other_caches(model, tokenizer, monkey
         assert a[0][0] == pytest.approx(b[0][0], rel=1e-5) and torch.equal(a[0][1][0], b[0][1][0])
     with pytest.raises(ValueError, match="target lists"):
         score_and_generate(model, tokenizer, PROMPTS, targets[:2], [True] * len(PROMPTS))
+
+
+def test_can_still_match_by_hand():
+    paris = [normalize_answer("Paris").split()]
+    assert can_still_match("", paris) and can_still_match(" Pa", paris) and can_still_match(" The Par", paris)
+    assert can_still_match(" th", paris)  # may become the article "the", which is dropped
+    assert can_still_match(" London", [["london", "city"], ["paris"]])  # a prefix of the first answer
+    assert not can_still_match(" Paris, France", paris)  # a final word after the answer
+    assert not can_still_match(" Lo", paris) and not can_still_match(" Paris is ", paris)
+    assert can_still_match(" Paris", paris) and can_still_match(" PARIS ", paris)
+    assert can_still_match(" Paris\u2019", paris)  # a non-ASCII mark: unsure, so True
+
+
+_PIECES = ["a", "an", "the", "Paris", "par", "is", "x", " ", " ", ",", ".", "-", "'", "The", "A", "isx"]
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.sampled_from(_PIECES), max_size=6), st.lists(st.sampled_from(_PIECES), max_size=6),
+       st.sampled_from(["Paris", "the Paris", "Paris is", "a", "x Paris", "Par-is"]))
+def test_can_still_match_never_rules_out_a_continuation_that_matches(prefix, rest, answer):
+    """If a continuation of the text matches the answer, the text was not ruled out."""
+    text, full = "".join(prefix), "".join(prefix + rest)
+    if normalize_answer(full) == normalize_answer(answer):
+        assert can_still_match(text, [normalize_answer(answer).split()])
 
 
 def test_evaluator_figures_match_the_reference_functions(model, tokenizer, requests, monkeypatch):

@@ -255,7 +255,7 @@ class Evaluator:
         ref = reference if reference is not None else made
         figures: dict[str, torch.Tensor] = {}
 
-        shared = self._prompt_pass(model, tokenizer, mine) if self.shares_prompts else None
+        shared = self._prompt_pass(model, tokenizer, mine, ref, made) if self.shares_prompts else None
         if "probability" in self.protocols or "token_accuracy" in self.protocols:
             figures.update(self._teacher_forced(model, tokenizer, mine, ref, made, shared))
         if "generation" in self.protocols:
@@ -350,12 +350,33 @@ class Evaluator:
         (:func:`~lit_edit.evaluation.scoring.score_and_generate`): both kinds of protocol selected."""
         return "generation" in self.protocols and ("probability" in self.protocols or "token_accuracy" in self.protocols)
 
-    def _prompt_pass(self, model, tokenizer, requests) -> dict[str, Any]:
+    def _prompt_pass(self, model, tokenizer, requests, ref, made) -> dict[str, Any]:
         """Teacher-forced scores of every pair and the generation from every prompt, one pass
         over each distinct prompt: ``{"nll": {pair: nll}, "argmax": {pair: (pred, gold)},
-        "generations": {prompt: text}}``."""
+        "generations": {prompt: text}}``.
+
+        A continuation whose only use is its exact match with known strings (the target for edit
+        and paraphrase prompts, the answer for portability prompts, and for a locality prompt its
+        answer and the reference's generation) stops once it can match none of them; a locality
+        continuation that becomes the reference (``made``) runs in full."""
         pairs = self._teacher_forced_pairs(requests)
         generated = self._generation_prompts(requests)
+        answers: dict[str, Optional[list[str]]] = {}
+
+        def expect(prompt: str, options: Optional[list[str]]) -> None:
+            if options is None or (prompt in answers and answers[prompt] is None):
+                answers[prompt] = None
+            else:
+                answers[prompt] = [*answers.get(prompt, []), *options]
+
+        for r in requests:
+            for p in (r.prompt, *r.paraphrase_prompts):
+                expect(p, [r.target_new])
+            for x in r.locality:
+                before = None if ref is None or ref is made else ref.locality_generations.get(x.prompt)
+                expect(x.prompt, None if before is None else [x.answer, before])
+            for x in r.portability:
+                expect(x.prompt, [x.answer])
         prompts = list(dict.fromkeys([*generated, *(p for p, _ in pairs)]))
         targets: dict[str, list[str]] = {p: [] for p in prompts}
         for p, t in pairs:
@@ -363,7 +384,7 @@ class Evaluator:
         wanted = set(generated)
         scores, texts = score_and_generate(
             model, tokenizer, prompts, [targets[p] for p in prompts], [p in wanted for p in prompts], self.max_new_tokens,
-            self.generation_batch_size, progress=True,
+            self.generation_batch_size, progress=True, answers=[answers.get(p) for p in prompts],
         )
         nll: dict[tuple[str, str], torch.Tensor] = {}
         argmax: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}

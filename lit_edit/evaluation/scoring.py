@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "STOP_STRINGS",
     "StopOnStrings",
+    "can_still_match",
     "continuation_nll",
     "greedy_generate",
     "ngram_entropy",
@@ -409,9 +410,12 @@ def _decode(
     max_new_tokens: int,
     done_ids: torch.Tensor,
     decode_stops: tuple[str, ...],
+    answers: Optional[Sequence[Optional[list[list[str]]]]] = None,
 ) -> list[list[int]]:
     """Greedy decoding from the last-position ``logits`` of a prefill and its ``cache`` (see
-    :func:`_greedy_rows`); ``last`` holds each row's last position id."""
+    :func:`_greedy_rows`); ``last`` holds each row's last position id. With ``answers``, a row
+    whose entry is a list of answers (as word lists of :func:`normalize_answer`) also ends as
+    soon as no continuation of its text can equal one of them (:func:`can_still_match`)."""
     cache_arg = _cache_arg(model)
     live = list(range(logits.shape[0]))
     new: list[list[int]] = [[] for _ in live]
@@ -423,6 +427,14 @@ def _decode(
         if decode_stops:
             texts = tokenizer.batch_decode([new[row] for row in live], skip_special_tokens=True)
             ended = ended | torch.tensor([any(s in x for s in decode_stops) for x in texts], device=ended.device)
+        if answers is not None:
+            open_rows = [i for i, row in enumerate(live) if answers[row] is not None and not bool(ended[i])]
+            if open_rows:
+                texts = tokenizer.batch_decode([new[live[i]] for i in open_rows], skip_special_tokens=True)
+                decided = [i for i, x in zip(open_rows, texts) if not can_still_match(x, answers[live[i]])]
+                if decided:
+                    ended = ended.clone()
+                    ended[decided] = True
         if step + 1 == max_new_tokens or bool(ended.all()):
             break
         if bool(ended.any()):
@@ -455,6 +467,7 @@ def score_and_generate(
     batch_size: int = 64,
     stop_strings: Sequence[str] = STOP_STRINGS,
     progress: bool = False,
+    answers: Optional[Sequence[Optional[Sequence[str]]]] = None,
 ) -> tuple[list[list[tuple[float, tuple[torch.Tensor, torch.Tensor]]]], list[Optional[str]]]:
     """Teacher-forced scores of each prompt's targets and, where ``generate``, its greedy
     continuation, from one pass over the prompt.
@@ -473,9 +486,19 @@ def score_and_generate(
     three times. Generations equal :func:`greedy_generate`'s for the same batches; scores equal
     :func:`score_pairs`'s up to float rounding. A model whose cache is not a plain growing one
     (sliding window, quantised) scores its targets with :func:`score_pairs` instead.
+
+    ``answers`` (optional, one entry per prompt): where an entry is a list of strings, only the
+    exact match of that continuation with one of them is wanted, so its generation stops as
+    soon as no continuation of it can equal any of them after :func:`normalize_answer`
+    (:func:`can_still_match`); its text is then cut short, and its exact match with each of
+    them is the same as the full continuation's. ``None`` entries (and ``answers=None``) run to
+    a stop as usual. Used only with single-character stop strings (or none), where a cut-off
+    text is a prefix of the full one.
     """
     if not (len(prompts) == len(targets) == len(generate)):
         raise ValueError(f"{len(prompts)} prompts, {len(targets)} target lists and {len(generate)} generate flags")
+    if answers is not None and len(answers) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts and {len(answers)} answer lists")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     from lit_edit.data.tokenize import encode_target
@@ -494,6 +517,10 @@ def score_and_generate(
     if table is not None:
         done_ids[: len(table)] |= table
     done_ids = done_ids.to(device)
+    if answers is not None and (table is not None or not stops):
+        words = [None if a is None else [normalize_answer(x).split() for x in a] for a in answers]
+    else:
+        words = None
     target_ids = [[encode_target(tokenizer, t) for t in ts] for ts in targets]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     head = _head_module(model)
@@ -526,7 +553,7 @@ def score_and_generate(
                 cache.batch_select_indices(keep)
                 logits, mask, positions = logits[keep], mask[keep], positions[keep]
             new = _decode(model, tokenizer, logits, cache, mask, positions[:, -1], max_new_tokens, done_ids,
-                          stops if table is None else ())
+                          stops if table is None else (), None if words is None else [words[group[b]] for b in wanted])
             for b, tokens_b in zip(wanted, new):
                 text = tokenizer.decode(tokens_b, skip_special_tokens=True)
                 texts[group[b]] = truncate_at_stop(text, stops) if stops else text
@@ -646,6 +673,39 @@ def normalize_answer(text: str) -> str:
     text = text.lower().translate(_PUNCTUATION)
     text = _ARTICLES.sub(" ", text)
     return " ".join(text.split())
+
+
+_ARTICLE_WORDS = ("a", "an", "the")
+
+
+def can_still_match(text: str, answers: Sequence[Sequence[str]]) -> bool:
+    """Whether some continuation of ``text`` (``text`` + more characters) can equal one of
+    ``answers`` after :func:`normalize_answer`; each answer is given as its normalized word list
+    (``normalize_answer(answer).split()``). Conservative: ``True`` whenever unsure.
+
+    After lower-casing and removing punctuation, a word followed by whitespace is final: more
+    text can neither change it nor drop it unless it is an article; the last word, if no space
+    follows it, can only grow at its end. So the text can still match an answer when its final
+    words (articles dropped) begin that answer and its last, open word (if any) begins the
+    answer's next word or an article. Characters other than letters, digits, ``_`` and
+    whitespace left after punctuation removal (where the article rule's word boundaries behave
+    differently) make the answer ``True``.
+    """
+    q = text.lower().translate(_PUNCTUATION)
+    if any(not (c.isalnum() or c == "_" or c.isspace()) for c in q):
+        return True
+    words = q.split()
+    partial = words.pop() if q and not q[-1].isspace() and words else None
+    final = [w for w in words if w not in _ARTICLE_WORDS]
+    k = len(final)
+    for answer in answers:
+        if len(answer) < k or list(answer[:k]) != final:
+            continue
+        if partial is None or any(a.startswith(partial) for a in _ARTICLE_WORDS):
+            return True
+        if k < len(answer) and answer[k].startswith(partial):
+            return True
+    return False
 
 
 @torch.no_grad()
