@@ -133,6 +133,30 @@ def test_batched_values_equal_one_by_one_and_full_forward(tokenizer, arch):
         assert (batched.steps == 3).all()
 
 
+@pytest.mark.parametrize("site", ["mlp_out", "block"])
+def test_values_in_length_groups_equal_one_padded_batch(tokenizer, site):
+    """Rows of very different lengths run as several length groups: the same vectors, losses
+    and step counts as one batch padded to the longest row (and as the whole-model run)."""
+    from lit_edit.closed_form import ValueSettings, optimize_values
+    from lit_edit.closed_form.values import _Rows
+    from lit_edit.losses import length_groups
+
+    model = _llama(tokenizer)
+    long = "In a long and winding description that goes on for many words about places, people and times. " * 2
+    templates = ["{}", "Once upon a time. {}", long + "{}"]
+    rows = _Rows(tokenizer, REQUESTS[:3], templates, "{} is a")
+    assert len(length_groups(rows.mask.sum(1).tolist())) > 1
+    s = ValueSettings(steps=4, loss_tol=0.0)
+    grouped = optimize_values(model, tokenizer, REQUESTS[:3], 1, site, templates, s)
+    padded = optimize_values(model, tokenizer, REQUESTS[:3], 1, site, templates, s, group_rows=False)
+    full = optimize_values(model, tokenizer, REQUESTS[:3], 1, site, templates, s, partial=False, group_rows=False)
+    for other in (padded, full):
+        torch.testing.assert_close(grouped.target, other.target, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(grouped.loss, other.loss, rtol=1e-5, atol=1e-6)
+        assert torch.equal(grouped.steps, other.steps)
+    assert (grouped.delta.norm(dim=1) > 0).all()
+
+
 # --------------------------------------------------------------------------- editors
 
 

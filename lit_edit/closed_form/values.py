@@ -251,6 +251,7 @@ def optimize_values(
     arch: Optional[ArchSpec] = None,
     progress: bool = True,
     desc: str = "v*/z",
+    group_rows: bool = True,
 ) -> ValueResult:
     """Optimise one δ per request (all in one batch) and return the target values h₀ + δ.
 
@@ -261,26 +262,65 @@ def optimize_values(
         partial: run only the blocks from ``layer`` up in the loop (default) or the whole model.
         progress: count the steps (a bar in a terminal, a log line every 30 s otherwise).
         desc: what the progress lines call this optimisation (e.g. ``"v*/z batch 2/7"``).
+        group_rows: run the rows (every request's context-template and KL prompts) as a few
+            sub-batches of similar length (:func:`lit_edit.losses.length_groups`) instead of one
+            batch padded to the longest row; each row's result does not depend on its batch, so
+            the vectors are the same up to float rounding.
     """
     if site not in ("mlp_out", "block"):
         raise ValueError(f"site must be 'mlp_out' or 'block', got {site!r}")
+    from lit_edit.losses import length_groups
+
     arch = arch or arch_for(model)
     device = next(model.parameters()).device
     data = _Rows(tokenizer, requests, list(templates), settings.kl_prompt, settings.stop)
     ids, mask, fact = data.ids.to(device), data.mask.to(device), data.fact.to(device)
     owner = data.owner.to(device)
-    runner = _Runner(model, arch, layer, site, partial)
+    n_rows = ids.shape[0]
+    lengths = data.mask.sum(1).tolist()
+    groups = length_groups(lengths) if group_rows else [list(range(n_rows))]
+    group_of = torch.zeros(n_rows, dtype=torch.long, device=device)
+    local = torch.zeros(n_rows, dtype=torch.long, device=device)
+    parts: list[tuple[torch.Tensor, _Runner, torch.Tensor, torch.Tensor]] = []
+    for g, rows_g in enumerate(groups):
+        index = torch.tensor(rows_g, dtype=torch.long, device=device)
+        width = max(lengths[i] for i in rows_g)
+        group_of[index] = g
+        local[index] = torch.arange(len(rows_g), device=device)
+        parts.append((index, _Runner(model, arch, layer, site, partial), ids[index, :width], mask[index, :width]))
     requires = [p.requires_grad for p in model.parameters()]
     model.requires_grad_(False)
     bar = Progress(settings.steps, f"{desc} ({len(requests)} requests, layer {layer}) steps", log, enabled=progress)
+
+    def run(rows: torch.Tensor, add: Optional[torch.Tensor], at_r: torch.Tensor, at_c: torch.Tensor) -> torch.Tensor:
+        """Log-probabilities at the (row, column) positions ``(at_r, at_c)`` (global rows, each
+        among ``rows``), with ``add[i]`` added at the fact token of ``rows[i]``: one pass per
+        length group holding some of the rows."""
+        out = None
+        for g, (_, runner, ids_g, mask_g) in enumerate(parts):
+            in_g = group_of[rows] == g
+            if not bool(in_g.any()):
+                continue
+            rows_g = rows[in_g]
+            slot = torch.full((n_rows,), -1, dtype=torch.long, device=device)
+            slot[rows_g] = torch.arange(len(rows_g), device=device)
+            h = runner.hidden(ids_g, mask_g, local[rows_g], fact[rows_g], None if add is None else add[in_g])
+            want = (group_of[at_r] == g) & (slot[at_r] >= 0)
+            lp = runner.log_probs(h, slot[at_r[want]], at_c[want])
+            out = lp.new_zeros(len(at_r), lp.shape[-1]) if out is None else out
+            out = out.index_put((want.nonzero(as_tuple=True)[0],), lp)
+        return out
+
     try:
-        h0_rows = runner.prepare(ids, mask, fact)
+        h0_parts = [(index, runner.prepare(ids_g, mask_g, fact[index])) for index, runner, ids_g, mask_g in parts]
+        h0_rows = h0_parts[0][1].new_zeros(n_rows, h0_parts[0][1].shape[1])
+        for index, got in h0_parts:
+            h0_rows[index] = got
         R, T = data.n_requests, data.n_templates
         h0 = h0_rows[torch.arange(R, device=device) * T]  # bare-prompt row of each request
         kl_rows = torch.arange(data.n_rewrite, data.n_rewrite + R, device=device)
         with torch.no_grad():
-            h = runner.hidden(ids, mask, kl_rows, fact[kl_rows], None)
-            ref_kl = runner.log_probs(h, torch.arange(R, device=device), fact[kl_rows])  # (R, V)
+            ref_kl = run(kl_rows, None, kl_rows, fact[kl_rows])  # (R, V)
 
         delta = torch.zeros(R, h0.shape[1], device=device, requires_grad=True)
         opt = torch.optim.Adam([delta], lr=settings.lr)
@@ -293,21 +333,20 @@ def optimize_values(
         tgt_count = data.tgt_count.to(device)
         for it in range(settings.steps):
             rows = data.rows_of(active.cpu()).to(device)
-            local_of = torch.full((ids.shape[0],), -1, dtype=torch.long, device=device)
-            local_of[rows] = torch.arange(len(rows), device=device)
-            h = runner.hidden(ids, mask, rows, fact[rows], delta[owner[rows]])
-            # rewriting NLL at target positions of active rows
+            add = delta[owner[rows]]
+            # rewriting NLL at target positions of active rows, and the KL at the fact token of
+            # "{subject} is a" of each active request, from one pass over the active rows
             sel = active[owner[tgt_row]]
-            r_loc = local_of[tgt_row[sel]]
-            lp = runner.log_probs(h, r_loc, tgt_col[sel])
+            act_idx = active.nonzero(as_tuple=True)[0]
+            at_r = torch.cat([tgt_row[sel], kl_rows[act_idx]])
+            at_c = torch.cat([tgt_col[sel], fact[kl_rows[act_idx]]])
+            lp_all = run(rows, add, at_r, at_c)
+            n_tgt = int(sel.sum())
+            lp, new_kl = lp_all[:n_tgt], lp_all[n_tgt:]
             tok_nll = -lp.gather(1, tgt_tok[sel, None]).squeeze(1)
-            row_nll = torch.zeros(ids.shape[0], device=device).index_add(0, tgt_row[sel], tok_nll)
+            row_nll = torch.zeros(n_rows, device=device).index_add(0, tgt_row[sel], tok_nll)
             row_nll = row_nll / tgt_count.clamp_min(1)
             req_nll = torch.zeros(R, device=device).index_add(0, owner[: data.n_rewrite], row_nll[: data.n_rewrite]) / T
-            # KL at the fact token of "{subject} is a"
-            act_idx = active.nonzero(as_tuple=True)[0]
-            kl_loc = local_of[kl_rows[act_idx]]
-            new_kl = runner.log_probs(h, kl_loc, fact[kl_rows[act_idx]])
             ref = ref_kl[act_idx]
             kl = torch.zeros(R, device=device)
             kl[act_idx] = (new_kl.exp() * (new_kl - ref)).sum(-1)
