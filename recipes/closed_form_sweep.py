@@ -18,9 +18,14 @@ of ES, PS and NS. Any protocol of ``--eval.protocols`` is scored after every bat
 so ``perplexity`` or ``kl`` make a run proportionally slower.
 
 The key statistics of every block the sweep edits are computed before the first edit, in one
-pass over the statistics corpus (cached per block, so a rerun or another sweep reuses them);
-``--model.statistics.n_samples`` sets their size (this recipe's YAML lowers it to 200 texts so
-the defaults run in minutes on a CPU; the editors' own default is 1000).
+pass over the statistics corpus (cached per block, so a rerun or another sweep reuses them).
+
+The YAML's defaults are a quick look sized for a 2-core CPU: 10 blocks × 3 records, 10 v*/z
+steps (the config hub's 25 for SmolLM2-135M), 2 context templates per group (ROME's 10 + 10)
+and 200 statistics texts (the editors' 1000). A larger run restores the editors' own settings:
+
+    python recipes/closed_form_sweep.py --data.limit 100 --model.values.steps null \
+        --model.templates.max_per_group null --model.statistics.n_samples 1000
 
 Writes ``layers.csv``, ``layers.md`` and ``layers.png`` under ``--out_dir``; every row and
 both titles name the editor, the strategy (single / batched), the batch size, the evaluation
