@@ -115,6 +115,8 @@ class Evaluator:
 
     Args:
         protocols: any of ``probability``, ``token_accuracy``, ``generation``, ``perplexity``,
+            ``kl`` (next-token KL from the unedited model on held-out text,
+            :mod:`lit_edit.evaluation.divergence`),
             ``fluency`` (64-token generations from the edit prompts) and ``harness``
             (lm-evaluation-harness tasks, :mod:`lit_edit.evaluation.harness`).
         batch_size: prompts per forward; a generation batch holds :data:`GENERATION_BATCH_FACTOR`
