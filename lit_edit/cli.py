@@ -17,6 +17,16 @@ closed-form editors, ``model.templates.seed`` (the sampled context templates), n
 global RNG. Left unset, both follow ``--seed_everything``. The editors configure their own
 optimizer: ``--optimizer``/``--lr_scheduler`` are refused (use ``--model.lr``).
 
+The editing strategy is one option, ``--editing.strategy single | batched | sequential |
+sequential_batched`` with ``--editing.batch_size B`` (``all`` for batched; required for
+sequential_batched): it sets the editor's ``accumulate``, the batch size (``data.batch_size``;
+LocFT-BF: ``model.round_size``, its rounds) and the evaluation callbacks' ``timing``
+(:mod:`lit_edit.strategy`). A setting given explicitly (on the command line, or a value other than
+the recipe's default) that contradicts the strategy is an error naming both. Left unset, those
+settings work alone as before; either way the run's strategy, batch size and timing are
+recorded in ``summary.json``, the printed table, the logged hyperparameters and ``edit.json``. A
+strategy that restores the weights after each batch (single, batched) leaves no edit to save.
+
 Every run leaves its full resolved configuration (model, data, trainer, callbacks, seed, save
 directory) as ``config.yaml`` in the trainer's log directory, beside ``summary.json``, and in the
 saved edit's directory; ``--config <that file>`` runs it again.
@@ -24,11 +34,12 @@ saved edit's directory; ``--config <that file>`` runs it again.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -137,6 +148,24 @@ class EditCLI(LightningCLI):
             ),
         )
         parser.add_argument(
+            "--editing.strategy",
+            type=Optional[str],
+            default=None,
+            help=(
+                "The editing strategy: single (batch 1, restore after each, immediate evaluation), batched (batches of "
+                "--editing.batch_size, default all, restore after each, immediate), sequential (batch 1, edits accumulate, "
+                "after-all evaluation) or sequential_batched (batches of --editing.batch_size, accumulate, after-all). Sets "
+                "model.accumulate, the batch size (data.batch_size; LocFT-BF: model.round_size) and the evaluation timing; "
+                "null = those settings as given (docs/methods.md §1.1)."
+            ),
+        )
+        parser.add_argument(
+            "--editing.batch_size",
+            type=Optional[Union[int, str]],
+            default=None,
+            help="Requests per edit batch (LocFT-BF: per round) of the strategy: a positive number, or all (batched only).",
+        )
+        parser.add_argument(
             "--overwrite",
             type=bool,
             default=False,
@@ -196,6 +225,7 @@ class EditCLI(LightningCLI):
                     cfg[dotted] = value
         self._refuse_optimizer_options(cfg, editor_cls)
         self._derive_seeds(cfg)
+        self._apply_editing_strategy(cfg, editor_cls)
         if self.subcommand in (None, "fit"):
             self._check_output_paths(cfg, editor_cls)
 
@@ -209,6 +239,108 @@ class EditCLI(LightningCLI):
                     "their own settings; the closed-form editors: none), which --optimizer/--lr_scheduler would silently "
                     "replace. Set the learning rate with --model.lr (ROME/MEMIT/EMMET: --model.values.lr)."
                 )
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        # kept to tell a setting given on the command line from one left at its default
+        self._command_line = [str(a) for a in (args if isinstance(args, (list, tuple)) else sys.argv[1:] if args is None else [])]
+        super().parse_arguments(parser, args)
+
+    def _on_command_line(self, *keys: str) -> bool:
+        tokens = getattr(self, "_command_line", [])
+        return any(t == f"--{k}" or t.startswith(f"--{k}=") for t in tokens for k in keys)
+
+    def _apply_editing_strategy(self, cfg: Any, editor_cls: Optional[type]) -> None:
+        """``--editing.strategy``: set ``accumulate``, the batch size and the evaluation timing in the
+        configuration (so ``config.yaml`` records them), refusing an explicit contradicting setting."""
+        from lit_edit.strategy import EditingStrategy, StrategyConflict, init_default, resolve_setting
+
+        self._editing_strategy = None
+        try:
+            strategy = EditingStrategy.parse(cfg.get("editing.strategy"), cfg.get("editing.batch_size"))
+        except (TypeError, ValueError) as e:
+            self._error(str(e))
+        if strategy is None or not (isinstance(editor_cls, type) and issubclass(editor_cls, Editor)):
+            return
+        self._editing_strategy = strategy
+        defaults = self._parser(self.subcommand).get_defaults()
+        model_prefix = "model" if self.subcommand is None else "model.init_args"
+
+        def default_of(key: str, cls: type, name: str) -> Any:
+            try:
+                value = defaults.get(key) if self.subcommand is None or not key.startswith("model.") else None
+            except (KeyError, AttributeError, TypeError):
+                value = None
+            if value is None:
+                value = init_default(cls, name)
+            return value
+
+        try:
+            for option, wanted in strategy.settings(editor_cls).items():
+                if option == "timing":
+                    self._apply_strategy_timing(cfg, defaults, strategy, wanted)
+                    continue
+                section, name = option.split(".", 1)
+                if section == "model":
+                    key, cls, keys = f"{model_prefix}.{name}", editor_cls, (f"model.{name}", f"model.init_args.{name}")
+                else:
+                    key, cls, keys = option, EditDataModule, (option,)
+                if init_default(cls, name) is inspect.Parameter.empty:
+                    self._error(f"--editing.strategy: {cls.__name__} has no {name} option, which the strategy sets")
+                cfg[key] = resolve_setting(strategy, option, cfg.get(key), default_of(key, cls, name), wanted,
+                                           explicit=self._on_command_line(*keys))
+        except StrategyConflict as e:
+            self._error(str(e))
+        log.info("editing strategy %s: %s", strategy.label,
+                 ", ".join(f"{k} {v}" for k, v in strategy.settings(editor_cls).items()))
+
+    def _apply_strategy_timing(self, cfg: Any, defaults: Any, strategy: Any, wanted: str) -> None:
+        """The timing of every ``EditEvaluation`` in ``trainer.callbacks`` (given as class_path + init_args)."""
+        import importlib
+
+        from lit_edit.evaluation import EditEvaluation
+        from lit_edit.strategy import init_default, resolve_setting
+
+        callbacks = cfg.get("trainer.callbacks")
+        try:
+            default_callbacks = list(defaults.get("trainer.callbacks") or [])
+        except (KeyError, AttributeError, TypeError):
+            default_callbacks = []
+        explicit = any("timing" in t for t in getattr(self, "_command_line", []))
+        for i, cb in enumerate(callbacks if isinstance(callbacks, list) else []):
+            class_path = getattr(cb, "class_path", None) if hasattr(cb, "get") else None
+            if not class_path:
+                continue  # an instance (the default EditEvaluation): set once built (apply_strategy)
+            module, _, name = class_path.rpartition(".")
+            try:
+                cls = getattr(importlib.import_module(module), name)
+            except (ImportError, AttributeError):
+                continue
+            if not (isinstance(cls, type) and issubclass(cls, EditEvaluation)):
+                continue
+            default = init_default(cls, "timing")
+            if i < len(default_callbacks) and getattr(default_callbacks[i], "class_path", None) == class_path:
+                init = getattr(default_callbacks[i], "init_args", None)
+                if init is not None and init.get("timing") is not None:
+                    default = init.get("timing")
+            init_args = cb.get("init_args")
+            if init_args is None:
+                from jsonargparse import Namespace
+
+                init_args = cb["init_args"] = Namespace()
+            current = init_args.get("timing") if init_args.get("timing") is not None else init_default(cls, "timing")
+            init_args["timing"] = resolve_setting(strategy, "timing", current, default, wanted, explicit=explicit,
+                                                  where=f" (trainer.callbacks: {name})")
+
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        strategy = getattr(self, "_editing_strategy", None)
+        if strategy is not None and isinstance(self.model, Editor):
+            from lit_edit.strategy import StrategyConflict, apply_strategy
+
+            try:  # records the strategy on the editor; sets the timing of callbacks built as instances
+                apply_strategy(strategy, self.model, self.datamodule, self.trainer.callbacks)
+            except StrategyConflict as e:
+                self._error(str(e))
 
     def _derive_seeds(self, cfg: Any) -> None:
         """Unset ``data.seed`` / ``model.templates.seed`` take the value of ``seed_everything``."""
@@ -261,6 +393,11 @@ class EditCLI(LightningCLI):
         cfg = self._config()
         editor = self.model
         if not isinstance(editor, Editor) or not editor.touched:
+            return
+        if editor.hparams.get("accumulate", True) is False:
+            strategy = (editor.run_record.get("strategy") or {}).get("name", "this strategy")
+            log.info("no edit saved: %s restores the weights after each batch (accumulate false), so the model ends unedited",
+                     strategy)
             return
         trainer = getattr(self, "trainer", None)
         if trainer is not None and not trainer.is_global_zero:

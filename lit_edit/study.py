@@ -27,6 +27,7 @@ written to ``config.yaml`` beside the table, so any table can be re-run
 from __future__ import annotations
 
 import csv
+import inspect
 import logging
 import math
 import time
@@ -178,9 +179,11 @@ class Study:
         return len(self.model.get_submodule(self.arch.layers))
 
     def editor(self, editor_class: Optional[type] = None, **overrides: Any) -> Editor:
-        """An editor over the loaded model with the parsed ``model`` arguments and ``overrides``."""
+        """An editor over the loaded model with the parsed ``model`` arguments (those ``editor_class``
+        takes: a study parsing LocFT-BF's arguments may build a DepthFirstFT) and ``overrides``."""
         cls = editor_class or self.editor_class
-        return cls(model=self.model, tokenizer=self.tokenizer, **{**self.editor_args, **overrides})
+        args = {k: v for k, v in self.editor_args.items() if k in _init_arguments(cls)}
+        return cls(model=self.model, tokenizer=self.tokenizer, **{**args, **overrides})
 
     def trainer_kwargs(self, **overrides: Any) -> dict[str, Any]:
         return {**vars(self.cfg.trainer), **overrides}
@@ -231,6 +234,20 @@ class Study:
         text = write_markdown(rows, columns, self.out / f"{name}.md", title)
         print(text)
         return text
+
+
+def _init_arguments(cls: type) -> set[str]:
+    """The keyword arguments ``cls(...)`` takes, along the ``**kwargs`` chain of its ``__init__`` methods."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        params = inspect.signature(init).parameters.values()
+        names |= {p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+        if not any(p.kind == p.VAR_KEYWORD for p in params):
+            break
+    return names
 
 
 def edit_score(

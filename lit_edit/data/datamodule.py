@@ -50,20 +50,21 @@ class RequestDataset(Dataset):
 
 
 class EpochShuffleSampler(Sampler[int]):
-    """A fresh permutation each epoch, a pure function of ``(seed, epoch)``.
+    """A fresh permutation each epoch, a pure function of ``(seed, epoch - first_epoch)``.
 
     Lightning calls :meth:`set_epoch`, so a run resumed from a checkpoint sees exactly the
-    order an uninterrupted run would have seen.
+    order an uninterrupted run would have seen. ``first_epoch`` is the epoch a LocFT-BF round
+    began at: its epochs are shuffled as those of a fit of its requests alone.
     """
 
-    def __init__(self, n: int, seed: int = 0):
-        self.n, self.seed, self.epoch = n, seed, 0
+    def __init__(self, n: int, seed: int = 0, first_epoch: int = 0):
+        self.n, self.seed, self.epoch, self.first_epoch = n, seed, 0, first_epoch
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch - self.first_epoch)
         return iter(torch.randperm(self.n, generator=g).tolist())
 
     def __len__(self) -> int:
@@ -217,7 +218,9 @@ class EditDataModule(L.LightningDataModule):
             ``counterfact_flat``, ``zsre``, ``wikibigedit`` or ``lit_edit``.
         limit: use at most this many requests (after ``offset``).
         offset: skip this many records first.
-        batch_size: requests per edit batch (LocFT-BF: 100; ``0`` = all in one batch).
+        batch_size: requests per edit batch (``0`` = all in one batch); LocFT-BF's mini-batch
+            (100; capped at its round's requests). ``--editing.strategy`` sets it for the
+            editors whose batch is an edit batch (:mod:`lit_edit.strategy`).
         shuffle: reshuffle the edit batches every epoch (order = f(seed, epoch)).
         seed: seed of the per-epoch shuffles.
         skip_invalid: drop (and log) malformed records instead of failing on the first one.
@@ -305,9 +308,13 @@ class EditDataModule(L.LightningDataModule):
 
     @override
     def train_dataloader(self) -> DataLoader:
-        requests = self.load()
-        bs = self.hparams.batch_size or len(requests)
-        sampler = EpochShuffleSampler(len(requests), self.hparams.seed) if self.hparams.shuffle else None
+        requests, first_epoch = self.load(), 0
+        editor = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
+        select = getattr(editor, "round_requests", None)
+        if callable(select):  # an editor in rounds (LocFT-BF) trains on the current round's requests only
+            requests, first_epoch = select(requests)
+        bs = min(self.hparams.batch_size or len(requests), len(requests))
+        sampler = EpochShuffleSampler(len(requests), self.hparams.seed, first_epoch) if self.hparams.shuffle else None
         return ResumableDataLoader(
             RequestDataset(requests), batch_size=bs, sampler=sampler, collate_fn=_as_list, progress=self._batches_done
         )

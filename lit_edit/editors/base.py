@@ -68,6 +68,10 @@ class Editor(L.LightningModule):
     supports_ddp: ClassVar[bool] = True
     #: Whether every process must see the same edit batches (Lightning's distributed sampler off).
     replicated_batches: ClassVar[bool] = False
+    #: Whether the editor edits in rounds of several epochs (LocFT-BF) rather than one edit per
+    #: dataloader batch: its batch size under an editing strategy is ``round_size`` (not
+    #: ``data.batch_size``), and it announces each round's edits with :meth:`edits_applied`.
+    edits_in_rounds: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -94,6 +98,14 @@ class Editor(L.LightningModule):
         self.arch = arch_for(self.model)
         self._originals: dict[str, torch.Tensor] = {}
         self.strict_loading = False  # checkpoints hold only the edited tensors
+        #: The declared editing strategy (:class:`lit_edit.strategy.EditingStrategy`), set by
+        #: :func:`lit_edit.strategy.apply_strategy` or the CLI's ``--editing.strategy``; ``None``:
+        #: the strategy follows from ``accumulate`` and the batch size alone.
+        self.editing_strategy: Any = None
+        #: What the last fit was (editor, model, strategy, evaluation timing, data;
+        #: :func:`lit_edit.strategy.run_record`), set when it starts; also in ``hparams_initial``
+        #: (the loggers' hyperparameters) and in a saved edit's ``edit.json``.
+        self.run_record: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ identity
 
@@ -148,6 +160,21 @@ class Editor(L.LightningModule):
             return
         for callback in trainer.callbacks:
             hook = getattr(callback, "on_edits_committed", None)
+            if callable(hook):
+                hook(trainer, self, list(requests))
+
+    def edits_applied(self, requests: list) -> None:
+        """Announce that the edits of ``requests`` are in the model now, before they are kept or
+        undone (the end of a LocFT-BF round): every trainer callback with an
+        ``on_edits_applied(trainer, editor, requests)`` method is called, in order (the
+        evaluation callback scores them there under ``immediate`` timing). Editors that edit in
+        rounds (:attr:`edits_in_rounds`) call this once per round; the others edit once per
+        dataloader batch, and callbacks see their edits in ``on_train_batch_end``."""
+        trainer = self._trainer
+        if trainer is None:
+            return
+        for callback in trainer.callbacks:
+            hook = getattr(callback, "on_edits_applied", None)
             if callable(hook):
                 hook(trainer, self, list(requests))
 
@@ -208,6 +235,7 @@ class Editor(L.LightningModule):
                 "saving an edit to %s that changes nothing: every touched tensor still equals the base model's "
                 "(did the fit take any step? check max_epochs / max_steps and min_loss)", directory,
             )
+        run = {k: self.run_record[k] for k in ("strategy", "data") if k in self.run_record}  # the fit that made it
         path = edits.write_edit(
             directory,
             self.edited_tensors(),
@@ -215,7 +243,7 @@ class Editor(L.LightningModule):
             base_model=self.base_model_name,
             editor=f"{type(self).__module__}.{type(self).__qualname__}",
             init_args=self.init_args(),
-            extra=extra,
+            extra={**run, **(extra or {})},
             overwrite=overwrite,
         )
         log.info("saved edit of %d tensor(s) to %s", len(self._originals), path)
@@ -253,6 +281,14 @@ class Editor(L.LightningModule):
             distributed_sampler=getattr(trainer._accelerator_connector, "use_distributed_sampler", False),
             replicated_batches=self.replicated_batches,
         )
+        if stage == "fit":
+            from lit_edit.strategy import check_run, run_record
+
+            check_run(self, trainer)  # a declared strategy's settings are still in place
+            self.run_record = run_record(self, trainer)
+            initial = getattr(self, "_hparams_initial", None)
+            if initial is not None:  # logged with the hyperparameters (beside the data module's); not an init argument
+                initial["strategy"] = dict(self.run_record["strategy"])
 
     @override
     def configure_model(self) -> None:

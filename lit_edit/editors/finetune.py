@@ -5,7 +5,10 @@
   mini-batches (``EditDataModule.batch_size``, 100 by default); Adam (no weight decay, no
   scheduler) at ``lr``; a batch whose loss is below ``min_loss`` takes no optimizer step; the
   run stops early once an epoch's mean loss is below ``min_loss``. ``max_epochs`` of the
-  Trainer is the number of epochs (25).
+  Trainer is the number of epochs (25). ``round_size`` runs it in successive rounds over chunks
+  of the requests (each round its own epochs, early stop and Adam state, all in one fit),
+  keeping each round's edit (``accumulate``) or restoring it: the editing strategies of
+  :mod:`lit_edit.strategy`.
 * :class:`DepthFirstFT` — the depth-first pipeline LocFT-BF argues against: each request (or
   edit batch) is optimised alone to convergence (up to ``steps`` Adam steps) before the next.
 
@@ -529,26 +532,213 @@ class LocFTBF(FineTuneEditor):
     defaults); the Trainer's epochs are the method's epochs. A budget in steps instead
     (``Trainer(max_epochs=-1, max_steps=S)``) counts mini-batches, including those that took no
     step under ``min_loss``; :attr:`optimizer_steps` counts the steps actually taken.
+
+    **Rounds** (the editing strategies, :mod:`lit_edit.strategy`). ``round_size=R`` cuts the
+    requests, in data order, into chunks of ``R`` that arrive one after another; each chunk is
+    one LocFT-BF *round*: its own epochs over that chunk only (mini-batch ``data.batch_size``,
+    capped at the chunk; reshuffled each epoch, counting epochs from the round's start), its own
+    ``min_loss`` early stop, a fresh Adam state, up to ``max_epochs`` epochs per round. All
+    rounds run inside one ``Trainer.fit``: the editor sets the fit's epoch budget to
+    ``rounds × max_epochs`` and ``reload_dataloaders_every_n_epochs=1``, and the data module
+    serves the current round's chunk (:meth:`round_requests`). At the end of a round its edits
+    are announced (:meth:`~lit_edit.editors.base.Editor.edits_applied`, where an immediate
+    evaluation scores them), then kept (``accumulate=True``: sequential-batched, announced with
+    :meth:`~lit_edit.editors.base.Editor.commit_edits`) or undone bit for bit
+    (``accumulate=False``: single / batched). ``round_size=None`` (default) is one round of every
+    request: the published method, unchanged. A checkpoint records the round, so a resumed fit
+    continues the right one. Each round start and end is logged (round i/n, requests, epochs
+    run, final loss) and kept in :attr:`round_history`.
+
+    Args:
+        round_size: requests per round (``None`` = all requests in one round).
+        accumulate: keep each round's edit (``True``) or restore the weights after it.
+        *args, **kwargs: as :class:`FineTuneEditor`.
     """
 
     trainer_defaults = {**Editor.trainer_defaults, "max_epochs": 25}
+    edits_in_rounds = True
 
-    def __init__(self, *args: Any, **kwargs: Any):
+    def __init__(self, *args: Any, round_size: Optional[int] = None, accumulate: bool = True, **kwargs: Any):
+        check_int("round_size", round_size, minimum=1, allow_none=True)
+        check_bool("accumulate", accumulate)
         super().__init__(*args, **kwargs)
+        if self.hparams.get("lora_rank") and not accumulate:
+            raise ValueError("accumulate=False restores tensors after each round; it cannot be combined with lora_rank")
+        if self.hparams.get("lora_rank") and round_size is not None:
+            raise ValueError("round_size runs LocFT-BF in rounds, which a LoRA adapter (lora_rank) cannot do: one adapter per fit")
         self.automatic_optimization = False  # the min_loss rule decides whether a mini-batch steps
         self._epoch_loss = 0.0
         self._epoch_count = 0
+        self._epoch_open = False
         self._step_saved: Optional[dict[str, torch.Tensor]] = None
         self._step_requests: list[EditRequest] = []
+        # rounds: index of the current one, the epoch it began at, its epochs completed
+        self._round = 0
+        self._round_first_epoch = 0
+        self._round_epochs = 0
+        self._num_rounds = 1
+        self._epochs_per_round: Optional[int] = None
+        self._round_seen: dict[int, EditRequest] = {}
+        self._resuming = False
+        self._last_epoch_loss = float("nan")
+        self._end_reason = "end of fit"
+        #: One entry per round the last fit finished: ``round``, ``rounds``, ``requests``,
+        #: ``epochs``, ``loss`` (the last epoch's mean), ``stopped`` (``min_loss`` / ``epochs`` / ``end of fit``), ``kept``.
+        self.round_history: list[dict[str, Any]] = []
+
+    # ------------------------------------------------------------------ rounds
+
+    @property
+    def num_rounds(self) -> int:
+        """Rounds of the current fit (1 without ``round_size``)."""
+        return self._num_rounds
+
+    def round_requests(self, requests: list[EditRequest]) -> tuple[list[EditRequest], int]:
+        """``(the current round's requests, the epoch the round began at)``, from all ``requests``
+        of the fit in data order; the data module serves them (and counts its per-epoch shuffles
+        from that epoch)."""
+        size = self.hparams.get("round_size")
+        if size is None or self._num_rounds <= 1:
+            return list(requests), 0
+        i = min(self._round, self._num_rounds - 1)
+        return list(requests[i * size:(i + 1) * size]), self._round_first_epoch
+
+    def _plan_rounds(self) -> None:
+        from lit_edit.data.datamodule import EditDataModule
+
+        trainer = self.trainer
+        size = self.hparams.get("round_size")
+        self._num_rounds, self._epochs_per_round = 1, None
+        if size is None:
+            return
+        datamodule = trainer.datamodule
+        if not isinstance(datamodule, EditDataModule):
+            raise RuntimeError(
+                f"LocFTBF with round_size={size} needs an EditDataModule (trainer.fit(editor, datamodule=...)), which serves "
+                "each round's requests; a dataloader passed to fit() cannot"
+            )
+        n = len(datamodule.load())
+        self._num_rounds = max(1, -(-n // size))
+        if self._num_rounds == 1:
+            log.info("round_size %d >= %d requests: one round, as without rounds", size, n)
+            return
+        epochs = getattr(trainer, "_lit_edit_epochs_per_round", None)  # set when this Trainer fitted in rounds before
+        if epochs is None:
+            epochs = trainer.max_epochs
+            if epochs is None or epochs < 1:
+                raise ValueError(
+                    f"LocFT-BF in rounds (round_size={size}) needs an epoch budget per round: Trainer(max_epochs=E) "
+                    f"(--trainer.max_epochs), got max_epochs={epochs}"
+                )
+            if trainer.max_steps not in (None, -1):
+                raise ValueError(
+                    f"LocFT-BF in rounds counts epochs per round (max_epochs); a step budget (max_steps={trainer.max_steps}) "
+                    "cannot be split into rounds: leave max_steps unset"
+                )
+            if trainer.min_epochs or trainer.min_steps:
+                raise ValueError(
+                    f"LocFT-BF in rounds ends each round on its own (min_loss or max_epochs per round); "
+                    f"min_epochs={trainer.min_epochs} / min_steps={trainer.min_steps} would train on after the last: leave them unset"
+                )
+            trainer._lit_edit_epochs_per_round = epochs
+        self._epochs_per_round = int(epochs)
+        trainer.fit_loop.max_epochs = self._epochs_per_round * self._num_rounds
+        trainer.reload_dataloaders_every_n_epochs = 1  # each epoch's dataloader holds the current round's requests
+        log.info(
+            "LocFT-BF in %d rounds of up to %d requests (in data order), up to %d epochs each; edits %s after each round",
+            self._num_rounds, size, self._epochs_per_round, "kept" if self.hparams["accumulate"] else "restored",
+        )
+
+    def _round_list(self) -> list[EditRequest]:
+        """The requests of the current round: the data module's chunk, else those trained on."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        requests = getattr(datamodule, "requests", None)
+        if isinstance(requests, list):
+            return self.round_requests(requests)[0]
+        return list(self._round_seen.values())
+
+    def _close_round(self, loss: float, stopped: str) -> None:
+        """End the current round: announce its edits, keep or undo them, move on (or stop after the last)."""
+        chunk = self._round_list()
+        keep = bool(self.hparams["accumulate"])
+        entry = {
+            "round": self._round + 1, "rounds": self._num_rounds, "requests": len(chunk), "epochs": self._round_epochs,
+            "loss": loss, "stopped": stopped, "kept": keep,
+        }
+        self.round_history.append(entry)
+        log.info(
+            "LocFT-BF round %d/%d done: %d requests, %d epoch(s), final loss %.4f (stopped: %s); edits %s",
+            entry["round"], entry["rounds"], entry["requests"], entry["epochs"], loss, stopped, "kept" if keep else "restored",
+        )
+        self.edits_applied(chunk)  # an immediate evaluation scores the round here, before any restore
+        if keep:
+            self.commit_edits(chunk)
+        else:
+            self.restore(forget=False)
+        self._round += 1
+        self._round_epochs = 0
+        self._round_first_epoch = self.current_epoch + 1
+        self._round_seen = {}
+        if self._round >= self._num_rounds:
+            self.trainer.should_stop = True
+            return
+        self.optimizers().optimizer.state.clear()  # the next round starts from a fresh Adam state
+        if self.block_inputs is not None:  # the next round's requests are others: start an empty cache
+            self.stop_block_input_cache()
+            self.start_block_input_cache()
+
+    @override
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if stage == "fit":
+            self._plan_rounds()
+
+    @override
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        if not self._resuming:
+            self._round, self._round_first_epoch, self._round_epochs = 0, self.current_epoch, 0
+            self._epoch_loss, self._epoch_count, self._epoch_open = 0.0, 0, False
+            self._last_epoch_loss = float("nan")
+            self.round_history = []
+        self._end_reason = "end of fit"
+        self._round_seen = {}
+        self._resuming = False
+
+    @override
+    def on_train_start(self) -> None:
+        if self._num_rounds > 1 and self._round >= self._num_rounds:  # resumed after the last round
+            log.info("every round of the checkpoint is done: nothing left to fit")
+            self.trainer.should_stop = True
+
+    @override
+    def on_train_end(self) -> None:
+        # The fit ended (max_epochs / max_steps / max_time) with a round still open: the last one
+        # of a fit without rounds, or one cut short.
+        if self._round < self._num_rounds and (self._round_epochs > 0 or self._epoch_count > 0):
+            mean = self._epoch_loss / max(self._epoch_count, 1) if self._epoch_count else self._last_epoch_loss
+            self._close_round(mean, "end of fit" if self._num_rounds > 1 else self._end_reason)
+
+    # ------------------------------------------------------------------ epochs
 
     @override
     def on_train_epoch_start(self) -> None:
-        self._epoch_loss, self._epoch_count = 0.0, 0
+        self._epoch_loss, self._epoch_count, self._epoch_open = 0.0, 0, True
+        if self._num_rounds > 1 and self.current_epoch == self._round_first_epoch:
+            chunk = self._round_list()
+            ids = [r.case_id for r in chunk[:5]]
+            log.info(
+                "LocFT-BF round %d/%d: %d requests (case ids %s%s), up to %d epochs",
+                self._round + 1, self._num_rounds, len(chunk), ids, ", ..." if len(chunk) > 5 else "", self._epochs_per_round,
+            )
 
     @override
     def training_step(self, batch: list[EditRequest], batch_idx: int) -> None:
         opt = self.optimizers()
         opt.zero_grad()
+        self._epoch_open = True
+        for r in batch:
+            self._round_seen.setdefault(id(r), r)
         edit, loss = self.training_loss(batch)
         # The skip and early-stop rules read the mean loss of the whole mini-batch, over every
         # process of a DDP run, so the processes step (or skip) together.
@@ -581,10 +771,71 @@ class LocFTBF(FineTuneEditor):
     def on_train_epoch_end(self) -> None:
         mean = self._epoch_loss / max(self._epoch_count, 1)
         self.log("train/epoch_loss", mean, prog_bar=True, on_epoch=True, sync_dist=True)  # equal on every process already
-        log.info("epoch %d: mean loss %.4f over %d requests", self.current_epoch, mean, self._epoch_count)
-        if mean < self.hparams["min_loss"]:
-            log.info("epoch %d mean loss %.4g < %.2g: stopping early", self.current_epoch, mean, self.hparams["min_loss"])
-            self.trainer.should_stop = True
+        self._epoch_open = False
+        self._round_epochs += 1
+        self._last_epoch_loss = mean
+        converged = mean < self.hparams["min_loss"]
+        if self._num_rounds <= 1:
+            log.info("epoch %d: mean loss %.4f over %d requests", self.current_epoch, mean, self._epoch_count)
+            if converged:
+                log.info("epoch %d mean loss %.4g < %.2g: stopping early", self.current_epoch, mean, self.hparams["min_loss"])
+                self.trainer.should_stop = True
+                self._end_reason = "min_loss"
+            return  # the only round ends with the fit (on_train_end)
+        log.info("round %d/%d, epoch %d: mean loss %.4f over %d requests", self._round + 1, self._num_rounds,
+                 self._round_epochs, mean, self._epoch_count)
+        self.log("train/round", float(self._round + 1), on_epoch=True, sync_dist=False)
+        if converged:
+            log.info("round %d mean loss %.4g < %.2g: the round stops early", self._round + 1, mean, self.hparams["min_loss"])
+            self._close_round(mean, "min_loss")
+        elif self._epochs_per_round is not None and self._round_epochs >= self._epochs_per_round:
+            self._close_round(mean, "epochs")
+
+    # ------------------------------------------------------------------ checkpoints
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["lit_edit_rounds"] = {
+            "round": self._round, "first_epoch": self._round_first_epoch, "round_epochs": self._round_epochs,
+            "num_rounds": self._num_rounds, "round_size": self.hparams.get("round_size"),
+            "accumulate": bool(self.hparams["accumulate"]), "epochs_per_round": self._epochs_per_round,
+            "history": [dict(h) for h in self.round_history], "epoch_open": self._epoch_open,
+            "epoch_loss": self._epoch_loss, "epoch_count": self._epoch_count, "last_epoch_loss": self._last_epoch_loss,
+        }
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        state = checkpoint.get("lit_edit_rounds")
+        if state is None:  # a checkpoint from before rounds: one round
+            return
+        if self._trainer is not None:  # resuming a fit: the same rounds, or a clear error
+            size, keep = self.hparams.get("round_size"), bool(self.hparams["accumulate"])
+            mismatch = [
+                f"{name} {ours!r} (the checkpoint's: {theirs!r})"
+                for name, ours, theirs in (
+                    ("round_size", size, state["round_size"]), ("accumulate", keep, state["accumulate"]),
+                    ("rounds", self._num_rounds, state["num_rounds"]),
+                    ("epochs per round (max_epochs)", self._epochs_per_round, state["epochs_per_round"]),
+                )
+                if ours != theirs and (name != "epochs per round (max_epochs)" or self._num_rounds > 1)
+            ]
+            if mismatch:
+                raise ValueError(
+                    "this fit cannot resume the checkpoint's LocFT-BF rounds: " + "; ".join(mismatch)
+                    + ". Resume with the same strategy (round_size, accumulate), data and max_epochs"
+                )
+        self._round, self._round_first_epoch = int(state["round"]), int(state["first_epoch"])
+        self._round_epochs = int(state["round_epochs"])
+        self.round_history = [dict(h) for h in state.get("history", [])]
+        self._last_epoch_loss = float(state.get("last_epoch_loss", float("nan")))
+        if state.get("epoch_open"):  # saved mid-epoch: the epoch goes on with its loss so far
+            self._epoch_loss, self._epoch_count = float(state["epoch_loss"]), int(state["epoch_count"])
+        else:
+            self._epoch_loss, self._epoch_count = 0.0, 0
+        self._epoch_open = bool(state.get("epoch_open"))
+        self._resuming = True
 
 
 class DepthFirstFT(FineTuneEditor):

@@ -2,7 +2,7 @@
 
 At ``on_fit_start`` the unedited model is scored ("before"); at ``on_fit_end`` every request is
 scored again on the final model ("after": *after-all* timing, retention), or, with ``immediate``
-timing, each edit batch is scored right after its edit. Figures go to the trainer's loggers as
+timing, each edit batch (a LocFT-BF round) is scored right after its edit. Figures go to the trainer's loggers as
 ``<figure>/before|after|delta``, to ``summary.json`` and to a printed table
 (:mod:`lit_edit.evaluation.report`). The scoring itself is :class:`~lit_edit.evaluation.Evaluator`.
 """
@@ -58,7 +58,9 @@ class EditEvaluation(L.Callback):
         print_table: print the ``metric | before | after | delta`` table at the end.
         timing: ``after-all`` (every request on the final model: retention) or ``immediate``
             (each batch's requests right after that batch's edit, before an editor with
-            ``accumulate=False`` restores the weights: single / batched editing).
+            ``accumulate=False`` restores the weights: single / batched editing; a LocFT-BF
+            round is scored when it ends). ``--editing.strategy`` sets it (:mod:`lit_edit.strategy`);
+            the summary and the table name the strategy, batch size, editor, model and data.
         cache_unedited: keep the unedited model's figures on disk (``<cache root>/unedited``),
             keyed by its weights, the requests and these settings, so a second run skips them.
         harness: the lm-evaluation-harness tasks of the ``harness`` protocol (``tasks``,
@@ -106,6 +108,7 @@ class EditEvaluation(L.Callback):
         self._immediate: dict[str, list[float]] = {}
         self._seconds: dict[str, float] = {}
         self._restored = False
+        self._run: dict[str, Any] = {}
         self.prompt_format: PromptFormat = prompt_format(None)
         self._stored_format: Optional[dict[str, Any]] = None
 
@@ -135,6 +138,7 @@ class EditEvaluation(L.Callback):
         model, tokenizer = self._model_and_tokenizer(pl_module)
         self._requests = self._resolve_requests(trainer)
         self.prompt_format = prompt_format(tokenizer)
+        self._run = dict(getattr(pl_module, "run_record", None) or {})  # editor, strategy, model, data of this fit
         if self._restored:  # resumed fit: the model is already partly edited, keep the unedited figures
             self._restored = False
             stored = self._stored_format
@@ -150,6 +154,7 @@ class EditEvaluation(L.Callback):
                 )
             log.info("resuming: using the unedited-model evaluation stored in the checkpoint")
             return
+        self._immediate = {}
         log.info("evaluating the unedited model on %d requests (%s)", len(self._requests), ", ".join(self.evaluator.protocols))
         share = {"rank": trainer.global_rank, "world_size": trainer.world_size}
         cache = UneditedCache() if self.cache_unedited else None
@@ -160,10 +165,21 @@ class EditEvaluation(L.Callback):
 
     @override
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._immediate = {}  # immediate figures describe the last epoch
+        if not getattr(pl_module, "edits_in_rounds", False):
+            self._immediate = {}  # immediate figures describe the last epoch
 
     @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if getattr(pl_module, "edits_in_rounds", False):
+            return  # a mini-batch of a LocFT-BF round, not an edit: the round is scored when it ends (on_edits_applied)
+        self._score_immediately(pl_module, batch)
+
+    def on_edits_applied(self, trainer: L.Trainer, pl_module: L.LightningModule, requests: list[EditRequest]) -> None:
+        """An editor in rounds (LocFT-BF) finished one (:meth:`~lit_edit.editors.base.Editor.edits_applied`):
+        under ``immediate`` timing its requests are scored now, before the editor keeps or undoes the round."""
+        self._score_immediately(pl_module, requests)
+
+    def _score_immediately(self, pl_module: L.LightningModule, batch: Any) -> None:
         protocols = [p for p in self.evaluator.protocols if p in PER_BATCH]
         if self.timing != "immediate" or not protocols:
             return
@@ -211,12 +227,14 @@ class EditEvaluation(L.Callback):
             "seconds_before": self._seconds.get("before"),
             "reference": None if self.reference is None else self.reference.state_dict(),
             "chat_template": self.prompt_format.describe(),
+            "immediate": {name: list(v) for name, v in self._immediate.items()},  # the batches / rounds scored so far
         }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict.get("before") is None:
             return
+        self._immediate = {name: list(v) for name, v in (state_dict.get("immediate") or {}).items()}
         self.before = dict(state_dict["before"])
         if state_dict.get("seconds_before") is not None:
             self._seconds["before"] = state_dict["seconds_before"]
@@ -232,8 +250,9 @@ class EditEvaluation(L.Callback):
         extra = {}
         if "perplexity" in self.evaluator.protocols or "kl" in self.evaluator.protocols:
             extra["ppl_corpus_version"] = corpus_version(self.evaluator.ppl_corpus, "heldout")
+        run = dict(getattr(model, "run_record", None) or self._run or {})
         return report.summary(
-            self.before, self.after, protocols=self.descriptions(), timing=self.timing,
+            self.before, self.after, protocols=self.descriptions(), timing=self.timing, run=run,
             num_requests=len(self._requests), model=model, seconds=self._seconds, extra=extra,
             chat_template=self.prompt_format.describe(),
         )
@@ -250,6 +269,6 @@ class EditEvaluation(L.Callback):
 
     def table(self) -> str:
         """The ``metric | before | after | delta`` table as text."""
-        header = f"edit evaluation ({len(self._requests)} requests, timing: {self.timing}, chat_template: {self.prompt_format.mode})"
+        header = report.header(len(self._requests), self.timing, self.prompt_format.mode, self._run)
         return report.table(self.before, self.after, header)
 

@@ -18,7 +18,7 @@ from lit_edit.models import model_name
 
 log = logging.getLogger(__name__)
 
-__all__ = ["figure_names", "flat_metrics", "model_label", "summary", "table", "write_summary"]
+__all__ = ["figure_names", "flat_metrics", "header", "model_label", "summary", "table", "write_summary"]
 
 Figures = Optional[dict[str, float]]
 
@@ -61,6 +61,7 @@ def summary(
     seconds: Optional[dict[str, float]] = None,
     extra: Optional[dict[str, Any]] = None,
     chat_template: Optional[dict[str, Any]] = None,
+    run: Optional[dict[str, Any]] = None,
 ) -> dict[str, Any]:
     """The JSON-serializable record of an evaluation.
 
@@ -71,6 +72,9 @@ def summary(
         extra: further top-level entries (e.g. the perplexity corpus version).
         chat_template: how prompts were fed (:meth:`lit_edit.data.chat.PromptFormat.describe`);
             default: raw text (``{"mode": "never", "applied": False}``).
+        run: the fit's record (:func:`lit_edit.strategy.run_record`): its ``strategy`` (name,
+            batch size, accumulate, batches, declared) and ``data`` (source, offset, limit,
+            ...) become the summary's ``strategy`` and ``data`` entries (``None`` when unknown).
     """
     figures = {}
     for name in figure_names(before, after):
@@ -84,11 +88,17 @@ def summary(
             "after": a,
             "delta": a - b if a is not None and b is not None else None,
         }
+    run = run or {}
+    strategy = dict(run["strategy"]) if run.get("strategy") else None
+    if strategy is not None:
+        strategy["evaluation_timing"] = timing
     return {
         "evaluation_timing": timing,
         "evaluation_timing_description": TIMING[timing],
-        "model": model_label(model),
-        "editor": type(model).__name__ if model is not None else None,
+        "model": model_label(model) if model is not None else run.get("model"),
+        "editor": type(model).__name__ if model is not None else run.get("editor"),
+        "strategy": strategy,
+        "data": dict(run["data"]) if run.get("data") else None,
         "num_requests": num_requests,
         "chat_template": dict(chat_template or {"mode": "never", "applied": False}),
         "protocols": dict(protocols),
@@ -108,6 +118,29 @@ def write_summary(directory: Union[str, os.PathLike], record: dict[str, Any]) ->
     path = atomic_write(directory / "summary.json", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     log.info("wrote evaluation summary to %s", path)
     return path
+
+
+def header(num_requests: int, timing: str, chat_mode: str, run: Optional[dict[str, Any]] = None) -> str:
+    """The table's title line: editor, strategy and batch size, timing, model, data, requests, chat template."""
+    run = run or {}
+    parts = []
+    if run.get("editor"):
+        parts.append(str(run["editor"]))
+    s = run.get("strategy") or {}
+    if s.get("name"):
+        text = f"strategy: {s['name']}"
+        if s["name"] not in ("single", "sequential"):
+            text += f", batch size {s.get('batch_size')}"
+        if s.get("declared") is False:
+            text += " (from accumulate and the batch size)"
+        parts.append(text)
+    parts.append(f"timing: {timing}")
+    if run.get("model"):
+        parts.append(f"model: {run['model']}")
+    data = run.get("data") or {}
+    parts.append(f"data: {data['source']} ({num_requests} requests)" if data.get("source") else f"{num_requests} requests")
+    parts.append(f"chat_template: {chat_mode}")
+    return f"edit evaluation ({', '.join(parts)})"
 
 
 def table(before: Figures, after: Figures, header: str = "") -> str:
