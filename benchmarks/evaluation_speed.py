@@ -33,14 +33,19 @@ import torch
 PROTOCOLS = ("probability", "token_accuracy", "generation", "perplexity")
 
 
-def _timed(table: dict, name: str, fn):
+def _timed(table: dict, name: str, fn, cpu_table: dict = None):
+    """``fn`` adding its wall seconds to ``table[name]`` (and its process CPU seconds to
+    ``cpu_table[name]``)."""
+
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         try:
             return fn(*args, **kwargs)
         finally:
             table[name] = table.get(name, 0.0) + time.perf_counter() - t0
+            if cpu_table is not None:
+                cpu_table[name] = cpu_table.get(name, 0.0) + time.process_time() - c0
 
     return wrapper
 
@@ -57,10 +62,16 @@ def run(args) -> dict:
     requests = load_requests(args.data, limit=args.n)
     evaluator = Evaluator(protocols=args.protocols.split(","))
     phases: dict[str, float] = {}
-    # phase timings: the evaluator's teacher-forced and generation steps and its perplexity scorer
-    Evaluator._teacher_forced = _timed(phases, "teacher_forced (probability + token_accuracy)", Evaluator._teacher_forced)
-    Evaluator._generation = _timed(phases, "generation", Evaluator._generation)
-    evaluator_module.text_nll = _timed(phases, "perplexity", evaluator_module.text_nll)
+    phases_cpu: dict[str, float] = {}
+    # phase timings: the evaluator's teacher-forced and generation steps (and, where the two share
+    # one pass over each prompt, that pass) and its perplexity scorer
+    if hasattr(Evaluator, "_prompt_pass"):
+        Evaluator._prompt_pass = _timed(phases, "one pass per prompt (teacher forcing + generation)", Evaluator._prompt_pass,
+                                        phases_cpu)
+    Evaluator._teacher_forced = _timed(phases, "teacher_forced (probability + token_accuracy)", Evaluator._teacher_forced,
+                                       phases_cpu)
+    Evaluator._generation = _timed(phases, "generation", Evaluator._generation, phases_cpu)
+    evaluator_module.text_nll = _timed(phases, "perplexity", evaluator_module.text_nll, phases_cpu)
     t0, c0 = time.perf_counter(), time.process_time()
     result = evaluator.evaluate(model, tokenizer, requests)
     seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
@@ -78,6 +89,7 @@ def run(args) -> dict:
         "cpu_seconds": cpu_seconds,
         "load_average": os.getloadavg(),
         "phases": phases,
+        "phases_cpu": phases_cpu,
         "figures": result.figures,
         "reference": {
             "locality_argmax": {f"{p} ||| {a}": ids.tolist() for (p, a), ids in ref.locality_argmax.items()},
@@ -87,7 +99,7 @@ def run(args) -> dict:
     print(f"lit_edit from {record['lit_edit']}; {record['machine']}, {record['threads']} threads, {args.dtype}")
     print(f"{len(requests)} requests, protocols {','.join(evaluator.protocols)}: {seconds:.1f} s wall, {cpu_seconds:.1f} s CPU")
     for name, s in phases.items():
-        print(f"  {name:<48} {s:8.1f} s")
+        print(f"  {name:<52} {s:8.1f} s wall {phases_cpu.get(name, float('nan')):8.1f} s CPU")
     for name, value in sorted(result.figures.items()):
         print(f"  {name:<28} {value!r}")
     if args.out:
@@ -115,9 +127,15 @@ def compare(a_path: str, b_path: str) -> dict:
     print(f"wall: A {a['seconds']:.1f} s, B {b['seconds']:.1f} s, A/B = {a['seconds'] / b['seconds']:.2f}x")
     if "cpu_seconds" in a and "cpu_seconds" in b:
         print(f"CPU: A {a['cpu_seconds']:.1f} s, B {b['cpu_seconds']:.1f} s, A/B = {a['cpu_seconds'] / b['cpu_seconds']:.2f}x")
-    for name in a["phases"]:
-        if name in b["phases"]:
-            print(f"  {name}: A {a['phases'][name]:.1f} s, B {b['phases'][name]:.1f} s, A/B = {a['phases'][name] / b['phases'][name]:.2f}x")
+    for key, label in (("phases", "wall"), ("phases_cpu", "CPU")):
+        pa, pb = a.get(key) or {}, b.get(key) or {}
+        if not pa or not pb:
+            continue
+        print(f"phases ({label} seconds; a phase nested in another is counted in both):")
+        for name in dict.fromkeys([*pa, *pb]):
+            x, y = pa.get(name), pb.get(name)
+            ratio = f"A/B = {x / y:.2f}x" if x and y and y > 0.5 else ""
+            print(f"  {name:<52} A {x if x is not None else float('nan'):8.1f}  B {y if y is not None else float('nan'):8.1f}  {ratio}")
     return {"max_figure_diff": worst, "generations_differ": len(gen_diff), "argmax_differ": len(arg_diff)}
 
 
