@@ -290,8 +290,6 @@ class EditCLI(LightningCLI):
                                            explicit=self._on_command_line(*keys))
         except StrategyConflict as e:
             self._error(str(e))
-        log.info("editing strategy %s: %s", strategy.label,
-                 ", ".join(f"{k} {v}" for k, v in strategy.settings(editor_cls).items()))
 
     def _apply_strategy_timing(self, cfg: Any, defaults: Any, strategy: Any, wanted: str) -> None:
         """The timing of every ``EditEvaluation`` in ``trainer.callbacks`` (given as class_path + init_args)."""

@@ -325,7 +325,7 @@ def apply_strategy(
     for cb, timing in timings:
         cb.timing = timing
     editor.editing_strategy = strategy
-    log.info("editing strategy: %s (accumulate %s, evaluation %s)", strategy.label, _show(strategy.accumulate), strategy.timing)
+    log.info("editing strategy %s: %s", strategy.label, ", ".join(f"{k} {_show(v)}" for k, v in wanted.items()))
     return strategy
 
 
