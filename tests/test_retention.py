@@ -353,9 +353,7 @@ def test_killed_run_resumes_curve_without_losing_or_repeating_a_row(tokenizer, t
     base = {"tokenizer": str(Path(tokenizer.name_or_path)), "requests": [r.to_dict() for r in _requests(6)],
             "every": 2, "ppl_texts": PPL_TEXTS}
     full = _run_worker({**base, "csv": str(tmp_path / "full.csv"), "ckpt_dir": str(tmp_path / "ck_full"),
-                        "out": str(tmp_path / "full.safetensors")}, tmp_path, "full")
-    log_full = full.communicate(timeout=120)[0]
-    assert full.returncode == 0, log_full[-3000:]
+                        "out": str(tmp_path / "full.safetensors")}, tmp_path, "full")  # runs beside the killed one
 
     killed_csv = tmp_path / "killed.csv"
     spec = {**base, "csv": str(killed_csv), "ckpt_dir": str(tmp_path / "ck"), "out": str(tmp_path / "resumed.safetensors")}
@@ -377,6 +375,8 @@ def test_killed_run_resumes_curve_without_losing_or_repeating_a_row(tokenizer, t
     kept = next(v for k, v in state["callbacks"].items() if k.startswith("RetentionCurve"))
     assert [r["edits_applied"] for r in kept["rows"]] == [0]  # the row at 2 came after the last checkpoint
     assert state["lit_edit_done"] == [0]
+    log_full = full.communicate(timeout=120)[0]
+    assert full.returncode == 0, log_full[-3000:]
 
     resumed = _run_worker({**spec, "ckpt_path": "last"}, tmp_path, "resumed")
     log_resumed = resumed.communicate(timeout=120)[0]
