@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional, Union
 
-__all__ = ["curve_plot", "heatmap", "line_plot"]
+__all__ = ["curve_plot", "heatmap", "line_plot", "series_plot"]
 
 
 def _number(value: Any) -> float:
@@ -138,5 +138,53 @@ def curve_plot(
         if len(metrics) > 1:
             ax.legend(fontsize=6)
     for j in range(len(groups), nrows * ncols):
+        axes[j // ncols][j % ncols].axis("off")
+    return _save(plt, fig, path, title)
+
+
+def series_plot(
+    rows: list[dict[str, Any]],
+    metrics: Sequence[str],
+    path: Path,
+    x_key: str,
+    series_key: str,
+    title: str = "",
+    log_x: bool = False,
+    log_y: Sequence[str] = (),
+    columns: int = 4,
+) -> Path:
+    """One panel per metric: value against ``x_key``, a line per value of ``series_key`` (e.g. two
+    editor variants against the edits applied, or editors against the batch size).
+
+    Missing or non-numeric values are skipped (a figure one series lacks leaves no point), so
+    rows read back from a CSV can be passed as they are. ``log_x`` draws ``x_key`` on a base-2
+    logarithmic axis (batch sizes 1, 4, 16, ...); metrics in ``log_y`` get a logarithmic y axis
+    when they have positive values. Panels wrap after ``columns``."""
+    plt = _pyplot()
+    if not metrics:
+        raise ValueError("series_plot needs at least one metric")
+    ncols = min(columns, len(metrics))
+    nrows = -(-len(metrics) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols, 3.0 * nrows), squeeze=False)
+    series = list(dict.fromkeys(str(r.get(series_key)) for r in rows))
+    for i, metric in enumerate(metrics):
+        ax = axes[i // ncols][i % ncols]
+        positive = False
+        for s in series:
+            pts = sorted((_number(r.get(x_key)), _number(r.get(metric))) for r in rows if str(r.get(series_key)) == s)
+            pts = [(x, y) for x, y in pts if math.isfinite(x) and math.isfinite(y)]
+            if not pts:
+                continue
+            positive = positive or any(y > 0 for _, y in pts)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=3, label=s)
+        if log_x:
+            ax.set_xscale("log", base=2)
+        if metric in log_y and positive:
+            ax.set_yscale("log")
+        ax.set_title(metric, fontsize=9)
+        ax.set_xlabel(x_key, fontsize=8)
+        if ax.lines:
+            ax.legend(fontsize=6)
+    for j in range(len(metrics), nrows * ncols):
         axes[j // ncols][j % ncols].axis("off")
     return _save(plt, fig, path, title)
