@@ -68,7 +68,7 @@ KEY = ("editor", "strategy", "batch_size", "variant", "model", "data")
 #: RetentionCurve arguments the study sets itself.
 CURVE_SET = {"path", "plot", "overwrite", "strategy", "data"}
 #: Columns of the collapse table (those the curve has), after the run's names.
-TABLE = ("prob/ES", "prob/PS", "gen_em/reliability", "prob/NS", "ppl", "update_norm_total", "update_ratio_total",
+TABLE = ("prob/ES", "prob/PS", "gen_em/reliability", "prob/NS", "gen_em/locality_agreement", "ppl", "update_norm_total", "update_ratio_total",
          "edit/update_norm", "edit/denominator_min")
 #: Per-edit diagnostics kept in ``edits.csv`` and drawn beside the curve (``per_edit/<name>``).
 PER_EDIT = ("update_norm", "update_ratio", "denominator_min", "cond_max", "cond_D_max")
