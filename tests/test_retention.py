@@ -181,9 +181,10 @@ def test_memit_batches_carry_condition_numbers(tokenizer, cache):
 
 
 def test_solve_diagnostics_match_hand_computation():
-    """MEMIT's solve is unchanged by the condition estimate (bit for bit) and the estimate is
-    within 2% of cond(λC + KKᵀ), never above it; ROME's denominator is k*ᵀ C⁻¹ k_d."""
-    from lit_edit.closed_form.solve import memit_solve, rome_solve, spd_condition_estimate
+    """MEMIT's and AlphaEdit's solves are unchanged by the condition estimate (bit for bit
+    against torch.linalg.solve) and the estimate is within 2% of the exact 2-norm condition
+    number of the system matrix, never above it; ROME's denominator is k*ᵀ C⁻¹ k_d."""
+    from lit_edit.closed_form.solve import alphaedit_solve, condition_estimate, memit_solve, nullspace_projection, rome_solve
 
     g = torch.Generator().manual_seed(0)
     d, e = 96, 5
@@ -192,11 +193,18 @@ def test_solve_diagnostics_match_hand_computation():
     K = torch.randn(d, e, dtype=torch.float64, generator=g)
     R = torch.randn(16, e, dtype=torch.float64, generator=g)
     delta, cond = memit_solve(K, R, C, 0.5, with_condition=True)
-    assert torch.equal(delta, memit_solve(K, R, C, 0.5))
     A = 0.5 * C + K @ K.T
+    assert torch.equal(delta, memit_solve(K, R, C, 0.5)) and torch.equal(delta, R @ torch.linalg.solve(A, K).T)
     exact = float(torch.linalg.cond(A))
     assert exact * 0.98 < cond <= exact * (1 + 1e-9)
-    assert spd_condition_estimate(torch.eye(4, dtype=torch.float64) * 3) == pytest.approx(1.0)
+    P, _ = nullspace_projection(C, float(torch.linalg.eigvalsh(C)[d // 2]))
+    prior = torch.randn(d, 7, dtype=torch.float64, generator=g)
+    system = P @ (K @ K.T + prior @ prior.T) + 10 * torch.eye(d, dtype=torch.float64)  # not symmetric
+    delta, cond = alphaedit_solve(K, R, P, prior @ prior.T, 10.0)
+    assert torch.equal(delta, torch.linalg.solve(system, P @ K @ R.T).T)
+    exact = float(torch.linalg.cond(system))
+    assert exact * 0.98 < cond <= exact * (1 + 1e-9)
+    assert condition_estimate(torch.diag(torch.tensor([4.0, 2.0, 1.0], dtype=torch.float64))) == pytest.approx(4.0)
     k, kd, r = K[:, 0], K[:, 1], R[:, 0]
     delta, denominator = rome_solve(k, r, C, denominator_key=kd, with_denominator=True)
     assert denominator == pytest.approx(float(k @ torch.linalg.solve(C, kd)), rel=1e-10)
