@@ -280,11 +280,11 @@ def test_depth_first_resume_counts_the_batch_its_checkpoint_was_saved_in(tokeniz
             if batch_idx == 3:
                 raise RuntimeError("stopped")
 
-    def run(stop=False, ckpt=None, directory=None):
+    def run(stop=False, ckpt=None, directory=None, name="df.csv"):
         L.seed_everything(0)
         editor = DepthFirstFT(model=make_tiny_llama(len(tokenizer)), tokenizer=tokenizer, target_modules=["mlp.down_proj"],
                               layers_to_transform=[1], lr=1e-2, steps=3)
-        curve = RetentionCurve(every=2, protocols=["probability", "token_accuracy"], plot=False, path=tmp_path / "df.csv",
+        curve = RetentionCurve(every=2, protocols=["probability", "token_accuracy"], plot=False, path=tmp_path / name,
                                overwrite=True)
         callbacks = [curve, *([Stop()] if stop else [])]
         if directory is not None:
@@ -303,6 +303,8 @@ def test_depth_first_resume_counts_the_batch_its_checkpoint_was_saved_in(tokeniz
     state = torch.load(tmp_path / "ck" / "last.ckpt", weights_only=False)
     kept = next(v for k, v in state["callbacks"].items() if k.startswith("RetentionCurve"))
     assert len(state["lit_edit_done"]) == 3 and len(kept["applied"]) == 2  # saved before the 3rd batch was announced
+    with pytest.raises(ValueError, match="holds no retention curve for this callback"):  # another path: another curve
+        run(ckpt=str(tmp_path / "ck" / "last.ckpt"), name="other.csv")
     resumed = run(ckpt=str(tmp_path / "ck" / "last.ckpt"))
     assert [r["edits_applied"] for r in resumed.rows] == [r["edits_applied"] for r in full] == [0, 2, 4, 5]
     strip = ("seconds",)

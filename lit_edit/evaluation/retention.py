@@ -338,6 +338,12 @@ class RetentionCurve(L.Callback):
             self._write(trainer)  # rows written after the checkpoint, before the run stopped, are dropped
             self._reconcile(trainer, pl_module)
             return
+        if trainer.ckpt_path is not None:
+            raise ValueError(
+                f"the fit resumes from {trainer.ckpt_path}, which holds no retention curve for this callback "
+                f"({self.state_key}): its edits are already in the weights, so a new curve would start from an edited model. "
+                "Resume with the RetentionCurve settings (every, path) the checkpoint was made with"
+            )
         self.rows, self.applied, self._keys, self._next_at, self._pending = [], [], set(), self.every, []
         wants = [p for p in self.evaluator.protocols if p in LOCALITY_PROTOCOLS]
         if wants and self._locality:
