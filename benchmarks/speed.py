@@ -25,7 +25,9 @@ figure is a ratio taken under the same machine load:
   (:func:`lit_edit.stats.accumulate_second_moment`); tokens/s per layer and the largest
   relative difference.
 * ``values``: MEMIT's v*/z optimisation of ``--values_n`` requests batched against one by one
-  (``benchmarks/batched_z.py``).
+  with the same code, and against the plain per-request computation of the ROME/MEMIT
+  reference code (whole model, full-vocabulary log-softmax at every position, every step;
+  ``benchmarks/batched_z.py``).
 * ``closed_form``: ROME per edit (``--rome_n`` requests) and MEMIT/EMMET per batch
   (``--closed_n``, and ``--closed_n_large`` if given) at the config hub's settings, with a table
   of phases (statistics, context templates, keys, v*/z, solve, apply; exclusive times).
@@ -545,6 +547,11 @@ def table(result: dict[str, Any]) -> str:
             c["seconds_one_by_one"], c["speed_ratio"], f"{c['peak_mb']:.0f}")
         if "cpu_ratio" in c:
             row("  CPU s (process, all threads)", c["cpu_seconds_batched"], c["cpu_seconds_one_by_one"], c["cpu_ratio"])
+        if "plain_ratio" in c:
+            row("  vs plain per-request (whole model, full logits), s", c["seconds_batched"], c["seconds_plain"],
+                c["plain_ratio"])
+            row("  vs plain per-request, CPU s", c["cpu_seconds_batched"], c["cpu_seconds_plain"], c["plain_cpu_ratio"])
+            row("  max relative z difference (plain)", f"{c['max_rel_diff_plain']:.1e}")
         row("  max relative z difference", f"{c['max_rel_diff']:.1e}")
     if "closed_form" in s:
         d = s["closed_form"]
