@@ -52,6 +52,7 @@ from lit_edit.editors.closed_form import ClosedFormEditor
 from lit_edit.evaluation import RetentionCurve
 from lit_edit.io import atomic_write
 from lit_edit.plots import series_plot
+from lit_edit.progress import Progress
 from lit_edit.study import Study
 
 log = logging.getLogger("lit_edit.recipes.batch_size_study")
@@ -158,35 +159,45 @@ def main(args: Optional[list[str]] = None) -> list[dict[str, Any]]:
     log.info("batch-size study: %d cell(s) to run, %d already done", len(todo), len(runs) - len(todo))
 
     before = study.unedited(requests)  # cached: a redraw or a resume evaluates nothing
-    for editor_name, b in todo:
-        meta = {"editor": NAMES[editor_name], "strategy": strategy_of(b), "batch_size": b, "timing": "retention",
-                "model": study.model_name, "data": data}
-        run_dir = study.out / f"{editor_name}_b{b}"
-        own = dict(cfg.editor_args.get(editor_name, {}))
-        shared.claim_run_dir(run_dir, {**settings, **meta, "editor_args": own})
-        originals = shared.snapshot(study.model)
-        if editor_name == "locft_bf":
-            editor = LocFTBF(model=study.model, tokenizer=study.tokenizer, round_size=b, accumulate=True, **own)
-            fit = dict(batch_size=min(cfg.locft_minibatch, b), max_epochs=cfg.locft_epochs, rounds=True)
-        else:
-            editor = study.editor(EDITORS[editor_name], accumulate=True, **own)
-            fit = dict(batch_size=b, max_epochs=1, rounds=False)
-        log.info("%s, batches of %d (%s): %d record(s)", meta["editor"], b, meta["strategy"], len(requests))
-        result = shared.sequential_fit(study, editor, requests, fit["batch_size"], run_dir, curve_args, meta,
-                                       max_epochs=fit["max_epochs"], rounds=fit["rounds"])
-        started = time.perf_counter()
-        after = study.evaluator.evaluate(editor.model, editor.tokenizer, requests, reference=before.reference)
-        eval_seconds = time.perf_counter() - started
-        editor.restore()
-        shared.check_restored(editor, originals)
-        row = {**meta, "timing": "after-all", "n_edits": len(requests),
-               **{short: _figure(after.figures, name) for short, name in FIGURES.items()},
-               "edit_seconds": result["edit_seconds"], "eval_seconds": eval_seconds,
-               "curve_rows": len(result["curve"]), **after.figures}
-        table.add(row)
-        print(f"{meta['editor']} batch {b}: " + ", ".join(f"{k} {row[k]:.3f}" for k in FIGURES if isinstance(row[k], float)))
+    with Progress(len(todo), "batch-size cells", logger=log) as progress:
+        for editor_name, b in todo:
+            _run_cell(study, editor_name, b, requests, curve_args, data, settings, before)
+            progress.update(editor=NAMES[editor_name], batch_size=b)
 
     return summarize(study, runs, data, before.figures)
+
+
+def _run_cell(study: Study, editor_name: str, b: int, requests: list, curve_args: dict[str, Any], data: str,
+              settings: dict[str, Any], before: Any) -> None:
+    """Run (or resume) one cell: the sequential(-batched) fit with its curve, the after-all
+    evaluation, the undo (checked bit for bit) and the table row."""
+    cfg = study.cfg
+    meta = {"editor": NAMES[editor_name], "strategy": strategy_of(b), "batch_size": b, "timing": "retention",
+            "model": study.model_name, "data": data}
+    run_dir = study.out / f"{editor_name}_b{b}"
+    own = dict(cfg.editor_args.get(editor_name, {}))
+    shared.claim_run_dir(run_dir, {**settings, **meta, "editor_args": own})
+    originals = shared.snapshot(study.model)
+    if editor_name == "locft_bf":
+        editor = LocFTBF(model=study.model, tokenizer=study.tokenizer, round_size=b, accumulate=True, **own)
+        fit = dict(batch_size=min(cfg.locft_minibatch, b), max_epochs=cfg.locft_epochs, rounds=True)
+    else:
+        editor = study.editor(EDITORS[editor_name], accumulate=True, **own)
+        fit = dict(batch_size=b, max_epochs=1, rounds=False)
+    log.info("%s, batches of %d (%s): %d record(s)", meta["editor"], b, meta["strategy"], len(requests))
+    result = shared.sequential_fit(study, editor, requests, fit["batch_size"], run_dir, curve_args, meta,
+                                   max_epochs=fit["max_epochs"], rounds=fit["rounds"])
+    started = time.perf_counter()
+    after = study.evaluator.evaluate(editor.model, editor.tokenizer, requests, reference=before.reference)
+    eval_seconds = time.perf_counter() - started
+    editor.restore()
+    shared.check_restored(editor, originals)
+    row = {**meta, "timing": "after-all", "n_edits": len(requests),
+           **{short: _figure(after.figures, name) for short, name in FIGURES.items()},
+           "edit_seconds": result["edit_seconds"], "eval_seconds": eval_seconds,
+           "curve_rows": len(result["curve"]), **after.figures}
+    study.table.add(row)
+    print(f"{meta['editor']} batch {b}: " + ", ".join(f"{k} {row[k]:.3f}" for k in FIGURES if isinstance(row[k], float)))
 
 
 def summarize(study: Study, runs: list[tuple[str, int]], data: str, unedited: dict[str, float]) -> list[dict[str, Any]]:

@@ -56,6 +56,7 @@ from lit_edit.editors import ROME
 from lit_edit.evaluation import RetentionCurve
 from lit_edit.io import atomic_write
 from lit_edit.plots import series_plot
+from lit_edit.progress import Progress
 from lit_edit.study import Study
 
 log = logging.getLogger("lit_edit.recipes.rome_collapse")
@@ -314,25 +315,33 @@ def main(args: Optional[list[str]] = None) -> list[dict[str, Any]]:
     curve_args = curve_args_of(cfg)
     common = {"editor": "ROME", "strategy": "sequential", "batch_size": 1, "timing": "retention", "model": study.model_name,
               "data": data_label(cfg.data, len(requests))}
-    settings = settings_digest(cfg, skip=("out_dir", "trainer", "config", "__path__", "variants"))
+    settings = settings_digest(cfg, skip=("out_dir", "trainer", "config", "__path__", "variants", "eval"))
     todo = [v for v in cfg.variants if not table.done(**common, variant=v)]
     log.info("ROME collapse study: %d variant(s) to run, %d already done", len(todo), len(cfg.variants) - len(todo))
-    for variant in todo:
-        run_dir = study.out / variant
-        claim_run_dir(run_dir, {**settings, "variant": variant, **common})
-        editor = study.editor(ROME, original_rome=VARIANTS[variant], accumulate=True)
-        before = snapshot(study.model)
-        log.info("%s: sequential ROME over %d record(s), a curve row every %d edits", variant, len(requests), curve_args["every"])
-        result = sequential_fit(study, editor, requests, 1, run_dir, curve_args, {**common, "variant": variant})
-        editor.restore()
-        check_restored(editor, before)
-        last = result["curve"][-1] if result["curve"] else {}
-        row = {**common, "variant": variant, "original_rome": VARIANTS[variant], "n_edits": len(requests), "every": curve_args["every"],
-               **{k: v for k, v in last.items() if k not in META and k != "seconds"},
-               "edit_seconds": result["edit_seconds"], "eval_seconds": sum(float(r["seconds"]) for r in result["curve"])}
-        table.add(row)
+    with Progress(len(todo), "ROME variants", logger=log) as progress:
+        for variant in todo:
+            _run_variant(study, variant, requests, curve_args, common, settings)
+            progress.update(variant=variant)
 
     return summarize(study, common, cfg.variants, curve_args["every"])
+
+
+def _run_variant(study: Study, variant: str, requests: list[EditRequest], curve_args: dict[str, Any], common: dict[str, Any],
+                 settings: dict[str, Any]) -> None:
+    """Run (or resume) one variant's sequential fit, undo it, and add its row to the table."""
+    run_dir = study.out / variant
+    claim_run_dir(run_dir, {**settings, "variant": variant, **common})
+    editor = study.editor(ROME, original_rome=VARIANTS[variant], accumulate=True)
+    before = snapshot(study.model)
+    log.info("%s: sequential ROME over %d record(s), a curve row every %d edits", variant, len(requests), curve_args["every"])
+    result = sequential_fit(study, editor, requests, 1, run_dir, curve_args, {**common, "variant": variant})
+    editor.restore()
+    check_restored(editor, before)
+    last = result["curve"][-1] if result["curve"] else {}
+    row = {**common, "variant": variant, "original_rome": VARIANTS[variant], "n_edits": len(requests), "every": curve_args["every"],
+           **{k: v for k, v in last.items() if k not in META and k != "seconds"},
+           "edit_seconds": result["edit_seconds"], "eval_seconds": sum(float(r["seconds"]) for r in result["curve"])}
+    study.table.add(row)
 
 
 def summarize(study: Study, common: dict[str, Any], variants: list[str], every: int) -> list[dict[str, Any]]:
