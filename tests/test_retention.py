@@ -244,6 +244,20 @@ def test_replayed_batch_is_not_applied_twice(tokenizer, cache):
     assert fresh._done == set()
 
 
+def test_checkpoint_of_a_single_edit_run_holds_the_restored_weights(tokenizer, tmp_path, cache):
+    """accumulate=False: a checkpoint saved at the end of a batch (before the editor undoes it)
+    holds the base weights, so a resumed run edits from them."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    editor = _rome(tokenizer, accumulate=False)
+    base = {n: p.detach().clone() for n, p in editor.model.named_parameters()}
+    save = ModelCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=1, save_last=True, save_top_k=0)
+    _trainer([save], enable_checkpointing=True).fit(editor, datamodule=EditDataModule(requests=_requests(2), batch_size=1,
+                                                                                       shuffle=False))
+    state = torch.load(tmp_path / "ck" / "last.ckpt", weights_only=False)
+    assert state["state_dict"] and all(torch.equal(v, base[k[len("model."):]]) for k, v in state["state_dict"].items())
+
+
 def test_bad_options_and_foreign_files_are_refused(tokenizer, tmp_path):
     with pytest.raises(ValueError, match="every must be >= 1"):
         RetentionCurve(every=0)

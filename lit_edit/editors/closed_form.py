@@ -601,6 +601,13 @@ class ClosedFormEditor(Editor):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint["lit_edit_done"] = sorted(self._done, key=repr)
+        if not self.hparams["accumulate"]:
+            # single / batched: each batch's edit is undone at the end of the batch, after a
+            # ModelCheckpoint saved there; the checkpoint holds the weights as they are after it
+            state = checkpoint["state_dict"]
+            for name, value in self._originals.items():
+                if f"model.{name}" in state:
+                    state[f"model.{name}"] = value.clone().to(state[f"model.{name}"].dtype)
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
