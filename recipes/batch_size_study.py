@@ -240,7 +240,7 @@ def summarize(study: Study, runs: list[tuple[str, int]], data: str, unedited: di
                        if m is not None and any(c.get(m) not in (None, "") for c in curves)]
             if metrics:
                 series_plot(curves, metrics, study.out / f"retention_{editor}.png", x_key="edits_applied", series_key="series",
-                            title=f"{editor} retention by batch size on {study.model_name}: {data}, retention evaluation")
+                            title=f"{editor} sequential(-batched) retention by batch size on {study.model_name}: {data}, retention evaluation")
     print(f"Wrote {study.out / 'batch_sizes.csv'}, batch_sizes.md, batch_sizes.json" + (", batch_sizes.png, retention_<editor>.png" if rows else ""))
     return rows
 
