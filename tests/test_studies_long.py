@@ -229,3 +229,24 @@ def test_batch_size_study_emmet_alphaedit_and_bad_options(tmp_path, tiny_dir, mo
             recipe.main([*base, "--out_dir", str(tmp_path / "bad"), *bad])
         assert said in capsys.readouterr().err
     assert not (tmp_path / "bad" / "batch_sizes.csv").exists()
+
+
+def test_weight_checksum_sees_a_one_bit_change():
+    import torch
+
+    recipe = load_recipe("rome_collapse")
+    layer = torch.nn.Linear(4, 3)
+    before = recipe.snapshot(layer)
+
+    class Holder:
+        model = layer
+
+    recipe.check_restored(Holder, before)  # unchanged: passes
+    original = layer.weight[1, 2].clone()
+    with torch.no_grad():
+        layer.weight[1, 2] = torch.nextafter(original, torch.tensor(10.0))  # the next float: one bit
+    with pytest.raises(RuntimeError, match="weight"):
+        recipe.check_restored(Holder, before)
+    with torch.no_grad():
+        layer.weight[1, 2] = original
+    recipe.check_restored(Holder, before)
