@@ -73,7 +73,7 @@ def reference_values(model, tokenizer, request, layer: int, site: str, templates
             new_kl = logp[kl_row, fact[kl_row]]
             kl = (new_kl.exp() * (new_kl - ref_kl)).sum()
             loss = nll + settings.kl_factor * kl + settings.weight_decay * delta.norm() / h0.norm().pow(2)
-            if float(loss) < settings.loss_tol or it == settings.steps - 1:
+            if float(loss.detach()) < settings.loss_tol or it == settings.steps - 1:
                 break
             opt.zero_grad()
             loss.backward()
