@@ -292,11 +292,11 @@ def optimize_values(
     model.requires_grad_(False)
     bar = Progress(settings.steps, f"{desc} ({len(requests)} requests, layer {layer}) steps", log, enabled=progress)
 
-    def run(rows: torch.Tensor, add: Optional[torch.Tensor], at_r: torch.Tensor, at_c: torch.Tensor) -> torch.Tensor:
-        """Log-probabilities at the (row, column) positions ``(at_r, at_c)`` (global rows, each
-        among ``rows``), with ``add[i]`` added at the fact token of ``rows[i]``: one pass per
-        length group holding some of the rows."""
-        out = None
+    def run(rows: torch.Tensor, add: Optional[torch.Tensor], *positions: tuple[torch.Tensor, torch.Tensor]) -> list[torch.Tensor]:
+        """For each ``(at_r, at_c)`` of ``positions``, the log-probabilities at those (row,
+        column) positions (global rows, each among ``rows``), with ``add[i]`` added at the fact
+        token of ``rows[i]``: one pass per length group holding some of the rows."""
+        outs: list[Optional[torch.Tensor]] = [None] * len(positions)
         for g, (_, runner, ids_g, mask_g) in enumerate(parts):
             in_g = group_of[rows] == g
             if not bool(in_g.any()):
@@ -305,11 +305,17 @@ def optimize_values(
             slot = torch.full((n_rows,), -1, dtype=torch.long, device=device)
             slot[rows_g] = torch.arange(len(rows_g), device=device)
             h = runner.hidden(ids_g, mask_g, local[rows_g], fact[rows_g], None if add is None else add[in_g])
-            want = (group_of[at_r] == g) & (slot[at_r] >= 0)
-            lp = runner.log_probs(h, slot[at_r[want]], at_c[want])
-            out = lp.new_zeros(len(at_r), lp.shape[-1]) if out is None else out
-            out = out.index_put((want.nonzero(as_tuple=True)[0],), lp)
-        return out
+            for k, (at_r, at_c) in enumerate(positions):
+                want = (group_of[at_r] == g) & (slot[at_r] >= 0)
+                if not bool(want.any()):
+                    continue
+                lp = runner.log_probs(h, slot[at_r[want]], at_c[want])
+                if len(parts) == 1:
+                    outs[k] = lp
+                    continue
+                out = lp.new_zeros(len(at_r), lp.shape[-1]) if outs[k] is None else outs[k]
+                outs[k] = out.index_put((want.nonzero(as_tuple=True)[0],), lp)
+        return outs  # type: ignore[return-value]
 
     try:
         h0_parts = [(index, runner.prepare(ids_g, mask_g, fact[index])) for index, runner, ids_g, mask_g in parts]
@@ -320,7 +326,7 @@ def optimize_values(
         h0 = h0_rows[torch.arange(R, device=device) * T]  # bare-prompt row of each request
         kl_rows = torch.arange(data.n_rewrite, data.n_rewrite + R, device=device)
         with torch.no_grad():
-            ref_kl = run(kl_rows, None, kl_rows, fact[kl_rows])  # (R, V)
+            ref_kl = run(kl_rows, None, (kl_rows, fact[kl_rows]))[0]  # (R, V)
 
         delta = torch.zeros(R, h0.shape[1], device=device, requires_grad=True)
         opt = torch.optim.Adam([delta], lr=settings.lr)
@@ -338,11 +344,7 @@ def optimize_values(
             # "{subject} is a" of each active request, from one pass over the active rows
             sel = active[owner[tgt_row]]
             act_idx = active.nonzero(as_tuple=True)[0]
-            at_r = torch.cat([tgt_row[sel], kl_rows[act_idx]])
-            at_c = torch.cat([tgt_col[sel], fact[kl_rows[act_idx]]])
-            lp_all = run(rows, add, at_r, at_c)
-            n_tgt = int(sel.sum())
-            lp, new_kl = lp_all[:n_tgt], lp_all[n_tgt:]
+            lp, new_kl = run(rows, add, (tgt_row[sel], tgt_col[sel]), (kl_rows[act_idx], fact[kl_rows[act_idx]]))
             tok_nll = -lp.gather(1, tgt_tok[sel, None]).squeeze(1)
             row_nll = torch.zeros(n_rows, device=device).index_add(0, tgt_row[sel], tok_nll)
             row_nll = row_nll / tgt_count.clamp_min(1)
