@@ -416,3 +416,23 @@ def test_killed_run_resumes_curve_without_losing_or_repeating_a_row(tokenizer, t
         assert {k: v for k, v in g.items() if k != "seconds"} == {k: v for k, v in w.items() if k != "seconds"}
     a, b = load_file(tmp_path / "resumed.safetensors"), load_file(tmp_path / "full.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_single_round_locft_bf_commits_before_the_curve_ends(tokenizer, tmp_path):
+    """A LocFT-BF fit without rounds that runs to its epoch budget commits its edits at the end
+    of its last epoch, while the curve still listens: the curve gets its row at 4 edits, with
+    the edited model's figures."""
+    from lit_edit.editors import LocFTBF
+
+    requests = _requests(4)
+    editor = LocFTBF(model=make_tiny_llama(len(tokenizer)), tokenizer=tokenizer, target_modules=["mlp.down_proj"],
+                     layers_to_transform=[1], lr=1e-2, min_loss=0.0)
+    curve = RetentionCurve(every=2, protocols=["probability"], path=tmp_path / "curve.csv", ppl_texts=1,
+                           ppl_corpus=PPL_TEXTS, batch_size=8)
+    trainer = L.Trainer(accelerator="cpu", max_epochs=3, logger=False, enable_progress_bar=False, enable_checkpointing=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, callbacks=[curve])
+    trainer.fit(editor, datamodule=EditDataModule(requests=requests, batch_size=2, shuffle=False))
+    rows = _read(tmp_path / "curve.csv")
+    assert [int(r["edits_applied"]) for r in rows] == [0, 4]
+    assert float(rows[1]["update_norm_total"]) > 0 and rows[1]["editor"] == "LocFTBF"
+    assert editor.round_history[-1]["stopped"] == "end of fit" and editor.round_history[-1]["epochs"] == 3

@@ -781,7 +781,12 @@ class LocFTBF(FineTuneEditor):
                 log.info("epoch %d mean loss %.4g < %.2g: stopping early", self.current_epoch, mean, self.hparams["min_loss"])
                 self.trainer.should_stop = True
                 self._end_reason = "min_loss"
-            return  # the only round ends with the fit (on_train_end)
+            budget = self.trainer.max_epochs
+            if converged or (budget is not None and budget > 0 and self.current_epoch + 1 >= budget):
+                # the only round ends here, before the callbacks' end-of-training hooks, so they
+                # see its edits committed; a fit cut short otherwise ends it in on_train_end
+                self._close_round(mean, self._end_reason)
+            return
         log.info("round %d/%d, epoch %d: mean loss %.4f over %d requests", self._round + 1, self._num_rounds,
                  self._round_epochs, mean, self._epoch_count)
         self.log("train/round", float(self._round + 1), on_epoch=True, sync_dist=False)
