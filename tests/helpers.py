@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -68,3 +69,18 @@ def write_corpus(directory) -> str:
 def requires_shared_data(name: str):
     path = SHARED_DATA / name
     return pytest.mark.skipif(not path.exists(), reason=f"{path} not present (real benchmark data lives in ../shared/data)")
+
+
+def load_recipe(name: str):
+    """The module of ``recipes/<name>.py`` (recipes are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"recipe_{name}", ROOT / "recipes" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def save_tiny_model(path, tokenizer, layers: int = 2):
+    """A tiny random Llama and ``tokenizer`` saved to ``path`` (a model directory recipes can load)."""
+    make_tiny_llama(len(tokenizer), layers=layers).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

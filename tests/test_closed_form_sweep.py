@@ -3,25 +3,14 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 
 import pytest
-from helpers import FIXTURE_FILES, ROOT, make_tiny_llama, write_corpus
-
-
-def load_recipe():
-    spec = importlib.util.spec_from_file_location("recipe_closed_form_sweep", ROOT / "recipes" / "closed_form_sweep.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from helpers import FIXTURE_FILES, load_recipe, save_tiny_model, write_corpus
 
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory, tokenizer):
-    path = tmp_path_factory.mktemp("tiny-llama-sweep")
-    make_tiny_llama(len(tokenizer), layers=3).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama-sweep"), tokenizer, layers=3)
 
 
 def _args(tmp_path, tiny_dir, *extra: str) -> list[str]:
@@ -50,7 +39,7 @@ def _csv(path):
 
 def test_rome_sweep_table_and_resume(tmp_path, tiny_dir, monkeypatch, capsys, one_thread):
     monkeypatch.setenv("LIT_EDIT_HOME", str(tmp_path / "cache"))
-    recipe = load_recipe()
+    recipe = load_recipe("closed_form_sweep")
     fits = []
     original_fit = recipe.L.Trainer.fit
     monkeypatch.setattr(recipe.L.Trainer, "fit", lambda self, *a, **kw: (fits.append(1), original_fit(self, *a, **kw))[1])
@@ -88,7 +77,7 @@ def test_rome_sweep_table_and_resume(tmp_path, tiny_dir, monkeypatch, capsys, on
 
 def test_memit_window_batched(tmp_path, tiny_dir, monkeypatch, one_thread):
     monkeypatch.setenv("LIT_EDIT_HOME", str(tmp_path / "cache"))
-    recipe = load_recipe()
+    recipe = load_recipe("closed_form_sweep")
     rows = recipe.main(_args(tmp_path, tiny_dir, "--editor=memit", "--window=2", "--layers=[2]", "--data.batch_size=0",
                              "--model.statistics.update_weight=1.0"))
     (row,) = rows
@@ -97,7 +86,7 @@ def test_memit_window_batched(tmp_path, tiny_dir, monkeypatch, one_thread):
 
 
 def test_window_layers_and_bad_options(tmp_path, tiny_dir, capsys):
-    recipe = load_recipe()
+    recipe = load_recipe("closed_form_sweep")
     assert recipe.window_layers(4, 3, "center", 30) == [3, 4, 5]
     assert recipe.window_layers(4, 3, "start", 30) == [4, 5, 6]
     assert recipe.window_layers(0, 3, "center", 30) == [0, 1, 2]

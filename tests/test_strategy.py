@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import lightning as L
 import pytest
 import torch
 import yaml
-from helpers import ROOT, make_tiny_llama
+from helpers import ROOT, load_recipe, make_tiny_llama, save_tiny_model
 
 from lit_edit.data import EditDataModule, EditRequest, PromptAnswer
 from lit_edit.editors import EMMET, MEMIT, ROME, AlphaEdit, DepthFirstFT, LocFTBF
@@ -349,19 +348,9 @@ def test_old_settings_are_recorded_as_the_strategy_they_make(tiny_llama, tokeniz
 # ---------------------------------------------------------------------- the command line
 
 
-def load_recipe(name: str):
-    spec = importlib.util.spec_from_file_location(f"recipe_{name}", ROOT / "recipes" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory, tokenizer):
-    path = tmp_path_factory.mktemp("tiny-llama")
-    make_tiny_llama(len(tokenizer)).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"), tokenizer)
 
 
 def cli_args(tmp_path, tiny_dir, *extra):

@@ -4,31 +4,20 @@ plots and the names every file carries; a rerun resumes without refitting finish
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import math
 
 import pytest
-from helpers import FIXTURE_FILES, ROOT, make_tiny_llama, write_corpus
+from helpers import FIXTURE_FILES, load_recipe, save_tiny_model, write_corpus
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 META = ("editor", "strategy", "batch_size", "timing", "model", "data")
 
 
-def load_recipe(name: str):
-    spec = importlib.util.spec_from_file_location(f"recipe_{name}", ROOT / "recipes" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory, tokenizer):
-    path = tmp_path_factory.mktemp("tiny-llama-long")
-    make_tiny_llama(len(tokenizer), layers=3).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama-long"), tokenizer, layers=3)
 
 
 def _common(tmp_path, tiny_dir, out: str) -> list[str]:

@@ -155,13 +155,7 @@ class Editor(L.LightningModule):
         ``on_edits_committed(trainer, editor, requests)`` method is called, in order. Editors
         call this once per committed batch or round; nothing is called when edits are undone
         after each batch (single / batched editing)."""
-        trainer = self._trainer
-        if trainer is None:
-            return
-        for callback in trainer.callbacks:
-            hook = getattr(callback, "on_edits_committed", None)
-            if callable(hook):
-                hook(trainer, self, list(requests))
+        self._announce("on_edits_committed", requests)
 
     def edits_applied(self, requests: list) -> None:
         """Announce that the edits of ``requests`` are in the model now, before they are kept or
@@ -170,11 +164,15 @@ class Editor(L.LightningModule):
         evaluation callback scores them there under ``immediate`` timing). Editors that edit in
         rounds (:attr:`edits_in_rounds`) call this once per round; the others edit once per
         dataloader batch, and callbacks see their edits in ``on_train_batch_end``."""
+        self._announce("on_edits_applied", requests)
+
+    def _announce(self, hook_name: str, requests: list) -> None:
+        """Call ``hook_name(trainer, editor, requests)`` on every trainer callback that has it."""
         trainer = self._trainer
         if trainer is None:
             return
         for callback in trainer.callbacks:
-            hook = getattr(callback, "on_edits_applied", None)
+            hook = getattr(callback, hook_name, None)
             if callable(hook):
                 hook(trainer, self, list(requests))
 

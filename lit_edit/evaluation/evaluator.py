@@ -209,18 +209,21 @@ class Evaluator:
     def perplexity_texts(self) -> list[str]:
         """The held-out perplexity texts (read once)."""
         if self._texts is None:
-            self._texts = load_texts(self.ppl_corpus, split="heldout", limit=self.ppl_texts)
-            if not self._texts:
-                raise ValueError(f"perplexity corpus {self.corpus_label()!r} has no text")
+            self._texts = self._heldout(self.ppl_texts, "perplexity")
         return self._texts
 
     def kl_text_list(self) -> list[str]:
         """The held-out texts of the ``kl`` protocol: the first ``kl_texts`` of ``ppl_corpus`` (read once)."""
         if self._kl_texts is None:
-            self._kl_texts = load_texts(self.ppl_corpus, split="heldout", limit=self.kl_texts)
-            if not self._kl_texts:
-                raise ValueError(f"KL corpus {self.corpus_label()!r} has no text")
+            self._kl_texts = self._heldout(self.kl_texts, "KL")
         return self._kl_texts
+
+    def _heldout(self, limit: Optional[int], what: str) -> list[str]:
+        """The first ``limit`` held-out texts of ``ppl_corpus``; an empty corpus is an error."""
+        texts = load_texts(self.ppl_corpus, split="heldout", limit=limit)
+        if not texts:
+            raise ValueError(f"{what} corpus {self.corpus_label()!r} has no text")
+        return texts
 
     # ------------------------------------------------------------------ evaluation
 

@@ -332,55 +332,30 @@ def greedy_generate(
     Prompts run sorted by length in left-padded batches of ``batch_size`` with a key/value
     cache; a sequence leaves its batch as soon as it stops (the stop test looks up the emitted
     token in :func:`stop_token_table`, no decoding per step), so the model computes only the
-    tokens that are kept. Results come back in the given order.
+    tokens that are kept. Results come back in the given order. (This is
+    :func:`score_and_generate` with no target to score.)
     """
     if not prompts:
         return []
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    device = model_device(model)
+    n = len(prompts)
+    return score_and_generate(model, tokenizer, prompts, [()] * n, [True] * n, max_new_tokens, batch_size, stop_strings,
+                              progress)[1]  # type: ignore[return-value]
+
+
+def _stop_rule(model: nn.Module, tokenizer: Any, stops: tuple[str, ...], device) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``(done_ids, table)``: a boolean table over token ids, true at the model's EOS ids and at the
+    tokens :func:`stop_token_table` flags (``table``; ``None`` when a stop string is longer than
+    one character, and the stop test then decodes the new text)."""
     eos = _eos_ids(model, tokenizer)
-    stops = tuple(stop_strings)
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     table = stop_token_table(tokenizer, stops, vocab) if stops else None
     done_ids = torch.zeros(max(len(tokenizer), vocab or 0, max(eos) + 1), dtype=torch.bool)
     done_ids[eos] = True
     if table is not None:
         done_ids[: len(table)] |= table
-    done_ids = done_ids.to(device)
-    encoded = encode_left_padded(tokenizer, prompts)
-    lengths = encoded["attention_mask"].sum(1).tolist()
-    order = sorted(range(len(prompts)), key=lambda i: lengths[i])
-    groups = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    out: list[str] = [""] * len(prompts)
-    with eval_mode(model):
-        for group in with_progress(groups, total=len(groups), desc="generating") if progress else groups:
-            width = max(lengths[i] for i in group)
-            index = torch.tensor(group, dtype=torch.long)
-            ids = encoded["input_ids"][index, -width:].to(device)
-            mask = encoded["attention_mask"][index, -width:].to(device)
-            new = _greedy_rows(model, tokenizer, ids, mask, max_new_tokens, done_ids, stops if table is None else ())
-            for row, tokens in zip(group, new):
-                text = tokenizer.decode(tokens, skip_special_tokens=True)
-                out[row] = truncate_at_stop(text, stops) if stops else text
-    return out
-
-
-def _greedy_rows(
-    model: nn.Module,
-    tokenizer: Any,
-    ids: torch.Tensor,
-    mask: torch.Tensor,
-    max_new_tokens: int,
-    done_ids: torch.Tensor,
-    decode_stops: tuple[str, ...],
-) -> list[list[int]]:
-    """The new token ids of each left-padded row, greedy with a key/value cache. A row ends
-    with (and includes) the token that stops it: one in ``done_ids``, or the one after which
-    its decoded text holds one of ``decode_stops``, or the ``max_new_tokens``-th; a row that
-    ended leaves the batch (its cache rows are dropped)."""
-    logits, cache, positions = _prefill(model, ids, mask)
-    return _decode(model, tokenizer, logits, cache, mask, positions[:, -1], max_new_tokens, done_ids, decode_stops)
+    return done_ids.to(device), table
 
 
 def _cache_arg(model: nn.Module) -> str:
@@ -412,8 +387,11 @@ def _decode(
     decode_stops: tuple[str, ...],
     answers: Optional[Sequence[Optional[list[list[str]]]]] = None,
 ) -> list[list[int]]:
-    """Greedy decoding from the last-position ``logits`` of a prefill and its ``cache`` (see
-    :func:`_greedy_rows`); ``last`` holds each row's last position id. With ``answers``, a row
+    """Greedy decoding from the last-position ``logits`` of a prefill and its ``cache``; ``last``
+    holds each row's last position id. A row ends with (and includes) the token that stops it:
+    one in ``done_ids``, or the one after which its decoded text holds one of ``decode_stops``,
+    or the ``max_new_tokens``-th; a row that ended leaves the batch (its cache rows are
+    dropped). With ``answers``, a row
     whose entry is a list of answers (as word lists of :func:`normalize_answer`) also ends as
     soon as no continuation of its text can equal one of them (:func:`can_still_match`)."""
     cache_arg = _cache_arg(model)
@@ -508,21 +486,14 @@ def score_and_generate(
     if not prompts:
         return scores, texts
     device = model_device(model)
-    eos = _eos_ids(model, tokenizer)
     stops = tuple(stop_strings)
-    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-    table = stop_token_table(tokenizer, stops, vocab) if stops else None
-    done_ids = torch.zeros(max(len(tokenizer), vocab or 0, max(eos) + 1), dtype=torch.bool)
-    done_ids[eos] = True
-    if table is not None:
-        done_ids[: len(table)] |= table
-    done_ids = done_ids.to(device)
+    done_ids, table = _stop_rule(model, tokenizer, stops, device)
     if answers is not None and (table is not None or not stops):
         words = [None if a is None else [normalize_answer(x).split() for x in a] for a in answers]
     else:
         words = None
     target_ids = [[encode_target(tokenizer, t) for t in ts] for ts in targets]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else _eos_ids(model, tokenizer)[0]
     head = _head_module(model)
     cache_arg = _cache_arg(model)
     encoded = encode_left_padded(tokenizer, prompts)
@@ -530,7 +501,8 @@ def score_and_generate(
     order = sorted(range(len(prompts)), key=lambda i: lengths[i])
     groups = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     with eval_mode(model):
-        for group in with_progress(groups, total=len(groups), desc="scoring and generating") if progress else groups:
+        desc = "scoring and generating" if any(targets) else "generating"
+        for group in with_progress(groups, total=len(groups), desc=desc) if progress else groups:
             width = max(lengths[i] for i in group)
             index = torch.tensor(group, dtype=torch.long)
             ids = encoded["input_ids"][index, -width:].to(device)
@@ -565,6 +537,7 @@ def _score_on_cache(model, head, cache, cache_arg, logits, mask, positions, grou
     ``logits`` and ``cache``; the cache's tensors are put back afterwards."""
     device = logits.device
     first = logits.float().log_softmax(-1)
+    first_pred = logits.float().argmax(-1).tolist()
     rest = [(b, j) for b, j in pairs if len(target_ids[group[b]][j]) > 1]
     later: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
     if rest:
@@ -600,7 +573,7 @@ def _score_on_cache(model, head, cache, cache_arg, logits, mask, positions, grou
     for b, j in pairs:
         gold = target_ids[group[b]][j]
         nll = -first[b, gold[0]]
-        pred = [int(logits[b].float().argmax())]
+        pred = [first_pred[b]]
         if (b, j) in later:
             lg, g = later[b, j]
             nll = nll + torch.nn.functional.cross_entropy(lg, g, reduction="sum")
