@@ -35,7 +35,19 @@ PROMPT_PROTOCOLS = ("probability", "token_accuracy", "generation", "fluency")
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EditEvaluation"]
+__all__ = ["EditEvaluation", "module_model_and_tokenizer"]
+
+
+def module_model_and_tokenizer(pl_module: L.LightningModule, who: str) -> tuple[nn.Module, Any]:
+    """The ``.model`` (a causal LM) and ``.tokenizer`` an evaluation callback reads from the
+    LightningModule; an error naming the callback ``who`` if the module has none."""
+    model, tokenizer = getattr(pl_module, "model", None), getattr(pl_module, "tokenizer", None)
+    if not isinstance(model, nn.Module) or tokenizer is None:
+        raise AttributeError(
+            f"{who} needs the LightningModule to expose `.model` (a causal LM) and `.tokenizer`; "
+            f"{type(pl_module).__name__} does not"
+        )
+    return model, tokenizer
 
 
 class EditEvaluation(L.Callback):
@@ -123,13 +135,7 @@ class EditEvaluation(L.Callback):
 
     @staticmethod
     def _model_and_tokenizer(pl_module: L.LightningModule) -> tuple[nn.Module, Any]:
-        model, tokenizer = getattr(pl_module, "model", None), getattr(pl_module, "tokenizer", None)
-        if not isinstance(model, nn.Module) or tokenizer is None:
-            raise AttributeError(
-                f"EditEvaluation needs the LightningModule to expose `.model` (a causal LM) and `.tokenizer`; "
-                f"{type(pl_module).__name__} does not"
-            )
-        return model, tokenizer
+        return module_model_and_tokenizer(pl_module, "EditEvaluation")
 
     # ------------------------------------------------------------------ hooks
 

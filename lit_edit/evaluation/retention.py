@@ -45,6 +45,7 @@ from typing_extensions import override
 
 from lit_edit.data.request import EditRequest
 from lit_edit.distributed import gather_objects
+from lit_edit.evaluation.callback import module_model_and_tokenizer
 from lit_edit.evaluation.evaluator import EvaluationReference, Evaluator, as_requests
 from lit_edit.evaluation.metrics import harmonic_mean
 from lit_edit.evaluation.report import model_label
@@ -406,13 +407,7 @@ class RetentionCurve(L.Callback):
 
     @staticmethod
     def _model_and_tokenizer(pl_module: L.LightningModule) -> tuple[nn.Module, Any]:
-        model, tokenizer = getattr(pl_module, "model", None), getattr(pl_module, "tokenizer", None)
-        if not isinstance(model, nn.Module) or tokenizer is None:
-            raise AttributeError(
-                f"RetentionCurve needs the LightningModule to expose `.model` (a causal LM) and `.tokenizer`; "
-                f"{type(pl_module).__name__} does not"
-            )
-        return model, tokenizer
+        return module_model_and_tokenizer(pl_module, "RetentionCurve")
 
     def figures(self, model: nn.Module, tokenizer: Any, applied: Sequence[EditRequest], rank: int = 0, world_size: int = 1) -> dict[str, float]:
         """The figures of one row for ``model`` after the edits ``applied``: the edits
