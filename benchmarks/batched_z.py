@@ -90,9 +90,10 @@ def reference_values(model, tokenizer, request, layer: int, site: str, templates
     return (h0 + delta.detach())[None], steps
 
 
-def compare(editor, requests, layer=None, site="block", steps=None, plain: bool = True) -> dict:
+def compare(editor, requests, layer=None, site="block", steps=None, plain: bool = True, whole_rows: bool = True) -> dict:
     """Optimise the z vectors of ``requests`` batched and one by one with ``editor``'s settings
-    (its model, templates and :meth:`value_settings`; ``steps`` overrides the step budget)."""
+    (its model, templates and :meth:`value_settings`; ``steps`` overrides the step budget).
+    ``whole_rows`` also times the batch with ``prefix_cache=False`` (every step over whole rows)."""
     from lit_edit.closed_form import optimize_values
 
     layer = layer if layer is not None else editor.edit_layers[-1]
@@ -108,6 +109,19 @@ def compare(editor, requests, layer=None, site="block", steps=None, plain: bool 
         t0, c0 = time.perf_counter(), time.process_time()
         singles = [optimize_values(model, tok, [r], layer, site, templates, settings, progress=False) for r in requests]
         t_single, c_single = time.perf_counter() - t0, time.process_time() - c0
+    out_whole = {}
+    if whole_rows:
+        with torch.enable_grad():
+            t0, c0 = time.perf_counter(), time.process_time()
+            whole = optimize_values(model, tok, requests, layer, site, templates, settings, progress=False, prefix_cache=False)
+            t_whole, c_whole = time.perf_counter() - t0, time.process_time() - c0
+        out_whole = {
+            "seconds_whole_rows": round(t_whole, 2),
+            "cpu_seconds_whole_rows": round(c_whole, 2),
+            "prefix_cache_cpu_ratio": round(c_whole / c_batched, 2),
+            "max_rel_diff_whole_rows": float(((batched.target - whole.target).norm(dim=1) / whole.target.norm(dim=1)).max()),
+            "same_steps_whole_rows": bool(torch.equal(batched.steps, whole.steps)),
+        }
     out_plain = {}
     if plain:
         with torch.enable_grad():
@@ -146,6 +160,7 @@ def compare(editor, requests, layer=None, site="block", steps=None, plain: bool 
         "same_steps": bool(torch.equal(batched.steps, steps_single)),
         "mean_steps": float(batched.steps.float().mean()),
         "mean_final_loss": float(batched.loss.mean()),
+        **out_whole,
         **out_plain,
     }
 

@@ -552,6 +552,10 @@ def table(result: dict[str, Any]) -> str:
                 c["plain_ratio"])
             row("  vs plain per-request, CPU s", c["cpu_seconds_batched"], c["cpu_seconds_plain"], c["plain_cpu_ratio"])
             row("  max relative z difference (plain)", f"{c['max_rel_diff_plain']:.1e}")
+        if "seconds_whole_rows" in c:
+            row("  vs the same batch over whole rows (no prefix cache), s", c["seconds_batched"], c["seconds_whole_rows"],
+                round(c["seconds_whole_rows"] / c["seconds_batched"], 2))
+            row("  vs whole rows, CPU s", c["cpu_seconds_batched"], c["cpu_seconds_whole_rows"], c["prefix_cache_cpu_ratio"])
         row("  max relative z difference", f"{c['max_rel_diff']:.1e}")
     if "closed_form" in s:
         d = s["closed_form"]

@@ -461,3 +461,56 @@ def test_value_options_stop_validated_recorded_and_threaded(tokenizer, tmp_path)
         assert ed.hparams["values"]["stop"] == "eos"
         assert ed.value_settings().stop == "eos"
         assert _editor(cls, tokenizer, tmp_path).value_settings().stop is None
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("site", ["mlp_out", "block"])
+def test_prefix_cache_gives_the_vectors_of_whole_rows(tokenizer, arch, site):
+    """Steps that run only from the fact token on (the prefix's keys and values recorded once)
+    give the vectors, losses and step counts of steps over whole rows, and the runner really
+    left columns out."""
+    from lit_edit.closed_form import ValueSettings, optimize_values
+    from lit_edit.closed_form import values as V
+
+    model = _llama(tokenizer) if arch == "llama" else _gpt2(tokenizer)
+    templates = ["{}", "Once upon a time. {}", "In a long and winding story about places and people. {}"]
+    s = ValueSettings(steps=4, loss_tol=0.0)
+    skipped = []
+    real_prepare = V._Runner.prepare
+
+    def spy(self, ids, mask, fact):
+        out = real_prepare(self, ids, mask, fact)
+        skipped.append(self.skip)
+        return out
+
+    V._Runner.prepare = spy
+    try:
+        cached = optimize_values(model, tokenizer, REQUESTS[:3], 1, site, templates, s)
+    finally:
+        V._Runner.prepare = real_prepare
+    whole = optimize_values(model, tokenizer, REQUESTS[:3], 1, site, templates, s, prefix_cache=False)
+    full = optimize_values(model, tokenizer, REQUESTS[:3], 1, site, templates, s, partial=False, group_rows=False)
+    for other in (whole, full):
+        torch.testing.assert_close(cached.target, other.target, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(cached.loss, other.loss, rtol=1e-5, atol=1e-6)
+        assert torch.equal(cached.steps, other.steps)
+    assert (cached.delta.norm(dim=1) > 0).all()
+    if arch == "llama":
+        assert sum(skipped) > 0  # the steps did leave the prefix columns out
+
+
+def test_span_groups_cover_every_row_once_and_beat_one_batch():
+    from lit_edit.closed_form.values import span_groups
+
+    starts = [0, 0, 5, 5, 5, 12, 12, 3]
+    ends = [4, 6, 9, 9, 10, 20, 21, 30]
+    groups = span_groups(starts, ends, overhead=2)
+    assert sorted(i for g in groups for i in g) == list(range(len(starts)))
+
+    def cost(gs):
+        return sum(len(g) * (max(ends[i] for i in g) - min(starts[i] for i in g)) + 2 for g in gs)
+
+    assert cost(groups) < cost([list(range(len(starts)))])
+    assert span_groups([0, 0], [5, 5]) == [[0, 1]]
+    # with no overhead every distinct span is its own sub-batch
+    assert len(span_groups(starts, ends, overhead=0)) == len(set(zip(starts, ends)))

@@ -18,6 +18,14 @@ position embeddings, …) captured from that first pass, and the final norm and 
 applied only at the positions the loss reads. ``partial=False`` runs the whole model each step
 instead (same result; for architectures whose blocks cannot be called on their own).
 
+Attention is causal and δ enters at the fact token, so nothing before the fact token changes
+during the optimisation: with ``prefix_cache`` (the default, for the ``sdpa`` and ``eager``
+attention implementations) the first pass also records every block's keys and values of those
+positions, and each step runs the blocks only from the fact token onward (the earliest fact token
+of a sub-batch), attending to the recorded prefix. Rows are grouped into sub-batches by where
+their fact token and their end fall (:func:`span_groups`), so a step runs little more than the
+positions δ can change.
+
 Progress: the steps of an optimisation are counted by :class:`lit_edit.progress.Progress` (a
 bar in a terminal, a log line every 30 s otherwise, with the requests still active and their
 mean loss); ``progress=False`` turns it off.
@@ -44,7 +52,7 @@ from lit_edit.progress import Progress
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ValueSettings", "ValueResult", "optimize_values"]
+__all__ = ["ValueSettings", "ValueResult", "optimize_values", "span_groups"]
 
 
 @dataclass(frozen=True)
@@ -89,6 +97,79 @@ def _select(obj: Any, idx: torch.Tensor, n: int) -> Any:
     if isinstance(obj, dict):
         return {k: _select(v, idx, n) for k, v in obj.items()}
     return obj
+
+
+_CACHE_KWARGS = ("cache", "past_key_values", "past_key_value")
+"""Names under which a block passes its attention a key/value cache (by transformers version)."""
+_SLICED_KWARGS = {"attention_mask", "position_embeddings", "position_ids", "cache_position", "use_cache"}
+"""Block arguments the prefix-cached step knows how to restrict to the suffix positions."""
+
+
+class _PrefixKV:
+    """Stands in for a key/value cache inside one block's attention.
+
+    Recording (``keys is None``): keeps the first ``keep`` positions of the keys and values the
+    attention computed and hands them back unchanged. Replaying: returns the recorded prefix
+    followed by the new positions' keys and values, so the queries of the suffix attend to both.
+    """
+
+    def __init__(self, keep: int = 0, keys: Optional[torch.Tensor] = None, values: Optional[torch.Tensor] = None):
+        self.keep, self.keys, self.values = keep, keys, values
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        if self.keys is None:
+            self.keys = key_states[:, :, : self.keep].detach()
+            self.values = value_states[:, :, : self.keep].detach()
+            return key_states, value_states
+        return torch.cat([self.keys, key_states], 2), torch.cat([self.values, value_states], 2)
+
+
+def _suffix_mask(mask: torch.Tensor, skip: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive attention mask ``(rows, 1, T - skip, T)``: query column ``c ≥ skip`` sees every real
+    key at a column ``≤ c``."""
+    width = mask.shape[1]
+    cols = torch.arange(width, device=mask.device)
+    allowed = (cols[None, :] <= cols[skip:, None])[None] & mask.bool()[:, None, :]
+    out = torch.zeros(allowed.shape, dtype=dtype, device=mask.device)
+    return out.masked_fill_(~allowed, torch.finfo(dtype).min).unsqueeze(1)
+
+
+def span_groups(starts: Sequence[int], ends: Sequence[int], overhead: int = 32) -> list[list[int]]:
+    """Rows split into sub-batches that each run the columns ``[min start, max end)`` of their rows.
+
+    Minimises the tokens run (rows × (longest end − earliest start), summed) plus ``overhead``
+    tokens per sub-batch, by a dynamic programme over contiguous runs of the rows' distinct
+    ``(start, end)`` spans taken in three orders (by start, by end, by span length); the cheapest
+    plan wins. With every start 0 this is :func:`lit_edit.losses.length_groups`' problem.
+    """
+    spans = sorted(set(zip(starts, ends)))
+    members: dict[tuple[int, int], list[int]] = {}
+    for i, key in enumerate(zip(starts, ends)):
+        members.setdefault(key, []).append(i)
+    best_plan: Optional[list[list[tuple[int, int]]]] = None
+    best_cost = float("inf")
+    for key in (lambda k: (k[0], k[1]), lambda k: (k[1], k[0]), lambda k: (k[1] - k[0], k[0])):
+        order = sorted(spans, key=key)
+        n = len(order)
+        cost = [0.0] + [float("inf")] * n
+        cut = [0] * (n + 1)
+        for j in range(1, n + 1):
+            rows, lo, hi = 0, None, 0
+            for i in range(j, 0, -1):  # last sub-batch: order[i-1 .. j-1]
+                s, e = order[i - 1]
+                rows += len(members[(s, e)])
+                lo = s if lo is None else min(lo, s)
+                hi = max(hi, e)
+                c = cost[i - 1] + rows * (hi - lo) + overhead
+                if c < cost[j]:
+                    cost[j], cut[j] = c, i - 1
+        if cost[n] < best_cost:
+            plan, j = [], n
+            while j > 0:
+                plan.append(order[cut[j]:j])
+                j = cut[j]
+            best_cost, best_plan = cost[n], plan[::-1]
+    return [[i for key in part for i in members[key]] for part in best_plan or []]
 
 
 class _Rows:
@@ -143,8 +224,12 @@ class _Rows:
 class _Runner:
     """Runs the model from the site's block up with δ added at the fact tokens."""
 
-    def __init__(self, model: nn.Module, arch: ArchSpec, layer: int, site: str, partial: bool):
+    def __init__(self, model: nn.Module, arch: ArchSpec, layer: int, site: str, partial: bool, prefix: bool = False):
         self.model, self.arch, self.layer, self.site, self.partial = model, arch, layer, site, partial
+        self.prefix = prefix and partial
+        self.skip = 0  # leading columns every step leaves out (their keys and values are recorded)
+        self._kv: list[_PrefixKV] = []
+        self._cache_name: Optional[str] = None
         self.blocks = model.get_submodule(arch.layers)
         self.norm = model.get_submodule(arch.final_norm)
         self.head = model.get_submodule(arch.lm_head)
@@ -166,10 +251,17 @@ class _Runner:
 
         handles.append(self.site_module.register_forward_hook(site_hook))
         captured: list[tuple[tuple, dict]] = []
+        skip = int(fact.min()) if self.prefix and self.start < len(self.blocks) else 0
+        recorders: list[_PrefixKV] = []
         if self.partial:
             for j in range(self.start, len(self.blocks)):
                 def pre(mod, args, kwargs, _j=j):
                     captured.append((args, dict(kwargs)))
+                    name = next((k for k in _CACHE_KWARGS if k in kwargs), None)
+                    if skip and name is not None and kwargs[name] is None:
+                        recorders.append(_PrefixKV(skip))
+                        return args, {**kwargs, name: recorders[-1]}
+                    return None
                 handles.append(self.blocks[j].register_forward_pre_hook(pre, with_kwargs=True))
 
         stop = stop_before(self.norm, lambda args, kwargs: got.__setitem__("final_in", args[0] if args else None))
@@ -185,7 +277,39 @@ class _Runner:
                 self._h_in = captured[0][0][0] if captured[0][0] else captured[0][1]["hidden_states"]
             else:  # the site is the last block: the final norm's input is its output
                 self._h_in = got["final_in"]
+            if skip and self._suffix_only(captured, recorders, skip, mask):
+                self._h_in = self._h_in[:, skip:]
         return got["h0"].float()
+
+    def _suffix_only(self, captured: list[tuple[tuple, dict]], recorders: list[_PrefixKV], skip: int, mask: torch.Tensor) -> bool:
+        """Restrict the recorded block arguments to the columns from ``skip`` on; ``False`` (and
+        nothing changed) when a block's arguments or attention are not ones this knows."""
+        impl = getattr(getattr(self.model, "config", None), "_attn_implementation", None)
+        if impl not in ("sdpa", "eager") or len(recorders) != len(captured) or not captured or captured[0][0][1:]:
+            return False
+        names = {next((k for k in _CACHE_KWARGS if k in kw), None) for _, kw in captured}
+        if len(names) != 1 or None in names:
+            return False
+        name = names.pop()
+        for _, kw in captured:
+            if any(k not in _SLICED_KWARGS and k != name and v is not None for k, v in kw.items()):
+                return False
+            if any(r.keys is None or r.keys.shape[2] != skip for r in recorders):
+                return False
+        dtype = self._h_in.dtype
+        suffix_mask = _suffix_mask(mask, skip, dtype)
+        sliced = []
+        for _, kw in captured:
+            kw = dict(kw)
+            kw["attention_mask"] = suffix_mask
+            if kw.get("position_embeddings") is not None:
+                kw["position_embeddings"] = tuple(x[..., skip:, :] for x in kw["position_embeddings"])
+            for k in ("position_ids", "cache_position"):
+                if kw.get(k) is not None:
+                    kw[k] = kw[k][..., skip:]
+            sliced.append(((), kw))
+        self._captured, self._kv, self._cache_name, self.skip = sliced, recorders, name, skip
+        return True
 
     def hidden(
         self,
@@ -195,8 +319,10 @@ class _Runner:
         fact: torch.Tensor,
         add: Optional[torch.Tensor],
     ) -> torch.Tensor:
-        """Final-block hidden states ``(len(rows), T, d)`` with ``add[i]`` added at ``fact[i]``."""
+        """Final-block hidden states ``(len(rows), T - skip, d)`` with ``add[i]`` added at ``fact[i]``
+        (columns counted from ``skip``, the recorded prefix, in the partial run)."""
         local = torch.arange(len(rows), device=ids.device)
+        fact = fact - self.skip
 
         def add_hook(mod, args, output):
             if add is None:
@@ -224,6 +350,9 @@ class _Runner:
             for (args, kwargs), j in zip(self._captured, range(self.start, len(self.blocks))):
                 a = (h,) + tuple(_select(x, rows, n) for x in args[1:])
                 kw = _select(kwargs, rows, n)
+                if self._kv:
+                    kv = self._kv[j - self.start]
+                    kw[self._cache_name] = _PrefixKV(0, kv.keys[rows], kv.values[rows])
                 if not args:
                     kw["hidden_states"] = h
                     a = ()
@@ -234,8 +363,8 @@ class _Runner:
         return h
 
     def log_probs(self, h: torch.Tensor, r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        """Log-softmax of the LM head at positions ``(r, c)`` only."""
-        x = self.norm(h[r, c].unsqueeze(0)).squeeze(0)
+        """Log-softmax of the LM head at positions ``(r, c)`` only (``c`` counted from column 0)."""
+        x = self.norm(h[r, c - self.skip].unsqueeze(0)).squeeze(0)
         return self.head(x).float().log_softmax(-1)
 
 
@@ -252,6 +381,7 @@ def optimize_values(
     progress: bool = True,
     desc: str = "v*/z",
     group_rows: bool = True,
+    prefix_cache: bool = True,
 ) -> ValueResult:
     """Optimise one δ per request (all in one batch) and return the target values h₀ + δ.
 
@@ -266,6 +396,10 @@ def optimize_values(
             sub-batches of similar length (:func:`lit_edit.losses.length_groups`) instead of one
             batch padded to the longest row; each row's result does not depend on its batch, so
             the vectors are the same up to float rounding.
+        prefix_cache: in the partial run, record the keys and values of the positions before
+            each sub-batch's earliest fact token once and run every step from there on (same
+            vectors up to float rounding; falls back to whole rows where the attention
+            implementation or the block arguments are not ``sdpa``/``eager`` Llama-style ones).
     """
     if site not in ("mlp_out", "block"):
         raise ValueError(f"site must be 'mlp_out' or 'block', got {site!r}")
@@ -278,7 +412,13 @@ def optimize_values(
     owner = data.owner.to(device)
     n_rows = ids.shape[0]
     lengths = data.mask.sum(1).tolist()
-    groups = length_groups(lengths) if group_rows else [list(range(n_rows))]
+    prefix = prefix_cache and partial
+    if not group_rows:
+        groups = [list(range(n_rows))]
+    elif prefix:
+        groups = span_groups(data.fact.tolist(), lengths)
+    else:
+        groups = length_groups(lengths)
     group_of = torch.zeros(n_rows, dtype=torch.long, device=device)
     local = torch.zeros(n_rows, dtype=torch.long, device=device)
     parts: list[tuple[torch.Tensor, _Runner, torch.Tensor, torch.Tensor]] = []
@@ -287,7 +427,8 @@ def optimize_values(
         width = max(lengths[i] for i in rows_g)
         group_of[index] = g
         local[index] = torch.arange(len(rows_g), device=device)
-        parts.append((index, _Runner(model, arch, layer, site, partial), ids[index, :width], mask[index, :width]))
+        runner = _Runner(model, arch, layer, site, partial, prefix)
+        parts.append((index, runner, ids[index, :width], mask[index, :width]))
     requires = [p.requires_grad for p in model.parameters()]
     model.requires_grad_(False)
     bar = Progress(settings.steps, f"{desc} ({len(requests)} requests, layer {layer}) steps", log, enabled=progress)
