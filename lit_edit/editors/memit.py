@@ -60,7 +60,7 @@ class MEMIT(ClosedFormEditor):
                 results.append(
                     optimize_values(
                         self.model, self.tokenizer, requests[s : s + chunk], layers[-1], "block", flat,
-                        settings, partial=options.partial_forward, arch=self.arch,
+                        settings, partial=options.partial_forward, prefix_cache=options.prefix_cache, arch=self.arch,
                         desc=f"v*/z batch {s // chunk + 1}/{-(-len(requests) // chunk)}",
                     )
                 )

@@ -95,7 +95,7 @@ class ROME(ClosedFormEditor):
             with torch.enable_grad():
                 val = optimize_values(
                     self.model, self.tokenizer, [r], layer, "mlp_out", flat, settings,
-                    partial=partial, arch=self.arch,
+                    partial=partial, prefix_cache=self.settings.values.prefix_cache, arch=self.arch,
                 )
             v_star = val.target[0]
             if self.hparams["original_rome"]:
