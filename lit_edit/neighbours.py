@@ -1,0 +1,219 @@
+"""Relation-neighbour preservation: keep what the model says about OTHER subjects under an edited relation.
+
+An edit request's prompt is a relation template filled with its subject ("The genre played by
+{Sal Mosca} is"). Fine-tuning on the request can learn the relation instead of the fact: every
+subject asked the same question starts to get the new answer. This term fills each request's
+template with other subjects (``neighbour_prompts`` per request, drawn from generic subjects:
+the offline Wikipedia titles by default, never the evaluation's locality prompts) and
+penalises how far the edited model's next-token distributions on those prompts move from the
+unedited model's:
+
+    KL(p₀ ‖ p_θ)  at the last prompt position and at the next ``tokens − 1`` positions of the
+    unedited model's own greedy continuation (teacher forced),
+
+averaged over the prompts of a mini-batch's requests. The unedited distributions are computed
+once per request, without gradient, the first time a fit sees it, with the tuned tensors put
+back to their originals for that pass. They are kept compactly: the unedited model's ``top``
+most likely tokens and the mass of all others, and the KL is taken between the two
+distributions coarsened to those ``top + 1`` outcomes (a lower bound of the full KL, zero
+exactly when the coarsened distributions agree): ``requests × prompts × tokens × (top + 1)``
+numbers instead of a vocabulary-sized row per position.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from lit_edit.data.request import EditRequest
+from lit_edit.data.tokenize import encode_prompt, pad_rows
+from lit_edit.models import logits_at
+
+__all__ = ["NeighbourTargets", "RelationNeighbours", "build_targets", "check_subjects_source", "load_subjects", "neighbour_kl", "relation_prompts"]
+
+#: Tokens of the unedited distribution kept exactly at each position; the rest is one outcome.
+TOP_TOKENS = 256
+
+
+def check_subjects_source(source: Any) -> None:
+    """Refuse a ``neighbour_subjects`` value that names no usable source (before any loading)."""
+    if isinstance(source, str):
+        name, _, split = source.partition(":")
+        if name == "wiki" and split in ("", "train", "heldout"):
+            return
+        path = Path(source).expanduser()
+        if path.suffix.lower() == ".txt" and path.is_file():
+            return
+    raise ValueError(
+        f"neighbour_subjects must be 'wiki:train', 'wiki:heldout' or an existing .txt file (one subject per line), got {source!r}"
+    )
+
+
+def load_subjects(source: str) -> list[str]:
+    """Candidate subjects: ``wiki:train`` / ``wiki:heldout`` (offline Wikipedia titles of that split)
+    or a local ``.txt`` file (one subject per non-empty line); a clear error otherwise."""
+    check_subjects_source(source)
+    name, _, split = source.partition(":")
+    if name == "wiki":
+        from lit_edit.data.corpus import wiki_titles
+
+        subjects = wiki_titles(split or "train")
+    else:
+        path = Path(source).expanduser()
+        subjects = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if len(subjects) < 2:
+        raise ValueError(f"neighbour_subjects {source!r} holds {len(subjects)} subject(s); at least 2 are needed")
+    return subjects
+
+
+def _request_key(r: EditRequest) -> tuple:
+    return (r.prompt, r.subject, r.target_new)
+
+
+def relation_prompts(request: EditRequest, subjects: Sequence[str], n: int, seed: int = 0) -> list[str]:
+    """``request.prompt`` with its subject replaced by ``n`` other subjects (every occurrence),
+    drawn without replacement from ``subjects`` by a generator seeded from ``seed`` and the
+    request, so the same request always gets the same neighbours. No prompts when the request
+    has no subject or its prompt does not contain it."""
+    subject = request.subject
+    if not subject or subject not in request.prompt or n < 1:
+        return []
+    digest = hashlib.sha256(f"{seed}\0{request.prompt}\0{subject}".encode()).digest()
+    rng = random.Random(int.from_bytes(digest[:8], "little"))
+    out: list[str] = []
+    tried = 0
+    while len(out) < n and tried < 10 * n + 10:
+        other = subjects[rng.randrange(len(subjects))]
+        tried += 1
+        if other.strip().lower() == subject.strip().lower():
+            continue
+        prompt = request.prompt.replace(subject, other)
+        if prompt not in out:
+            out.append(prompt)
+    return out
+
+
+@dataclass
+class NeighbourTargets:
+    """The unedited model's behaviour on one request's neighbour prompts.
+
+    ``rows``: token ids per prompt (prompt + greedy continuation but its last token);
+    ``positions``: per prompt, the row positions whose next-token distribution is kept;
+    ``top_ids`` / ``top_logp``: ``(P, T, top)`` ids and log-probabilities of the most likely tokens;
+    ``rest_logp``: ``(P, T)`` log of the remaining mass.
+    """
+
+    rows: list[list[int]]
+    positions: list[list[int]]
+    top_ids: torch.Tensor
+    top_logp: torch.Tensor
+    rest_logp: torch.Tensor
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """``log(1 - exp(x))`` for ``x <= 0``, stable near 0."""
+    x = x.clamp(max=-1e-7)
+    return torch.where(x > -0.6931, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def _forward(model: nn.Module, rows: list[list[int]], positions: list[list[int]], pad_id: int, block_inputs: Any) -> torch.Tensor:
+    """Log-probabilities ``(sum of positions, V)`` at the given positions of right-padded ``rows``."""
+    device = next(model.parameters()).device
+    ids, mask = pad_rows(rows, pad_id)
+    at = torch.zeros_like(ids, dtype=torch.bool)
+    for b, pos in enumerate(positions):
+        at[b, pos] = True
+    ids, mask, at = ids.to(device), mask.to(device), at.to(device)
+    context = block_inputs.forward(ids, mask) if block_inputs is not None else nullcontext()
+    with context:
+        logits = logits_at(model, ids, mask, at)
+    return logits.float().log_softmax(-1)
+
+
+@torch.no_grad()
+def build_targets(
+    model: nn.Module, tokenizer: Any, prompts: list[str], tokens: int, block_inputs: Any = None, top: int = TOP_TOKENS
+) -> NeighbourTargets:
+    """:class:`NeighbourTargets` of ``prompts`` under ``model`` as it is now (the unedited model)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    rows = [list(encode_prompt(tokenizer, p)) for p in prompts]
+    for _ in range(tokens - 1):  # extend each row by the unedited model's greedy next token
+        logp = _forward(model, rows, [[len(r) - 1] for r in rows], pad, block_inputs)
+        nxt = logp.argmax(-1).tolist()
+        rows = [r + [t] for r, t in zip(rows, nxt)]
+    first = [len(r) - tokens for r in rows]
+    positions = [list(range(f, f + tokens)) for f in first]
+    logp = _forward(model, rows, positions, pad, block_inputs).view(len(rows), tokens, -1)
+    k = min(top, logp.shape[-1] - 1)
+    top_logp, top_ids = logp.topk(k, dim=-1)
+    rest = _log1mexp(top_logp.logsumexp(-1))
+    return NeighbourTargets(rows, positions, top_ids, top_logp, rest)
+
+
+def neighbour_kl(model: nn.Module, tokenizer: Any, targets: Sequence[NeighbourTargets], block_inputs: Any = None) -> torch.Tensor:
+    """Mean coarsened ``KL(p₀ ‖ p_θ)`` over every kept position of ``targets`` under ``model`` now."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    rows = [row for t in targets for row in t.rows]
+    positions = [pos for t in targets for pos in t.positions]
+    logq = _forward(model, rows, positions, pad, block_inputs)  # (N, V), rows' positions in order
+    top_ids = torch.cat([t.top_ids.reshape(-1, t.top_ids.shape[-1]) for t in targets]).to(logq.device)
+    top_logp = torch.cat([t.top_logp.reshape(-1, t.top_logp.shape[-1]) for t in targets]).to(logq.device)
+    rest_logp = torch.cat([t.rest_logp.reshape(-1) for t in targets]).to(logq.device)
+    q_top = logq.gather(1, top_ids)
+    q_rest = _log1mexp(q_top.logsumexp(-1))
+    kl = (top_logp.exp() * (top_logp - q_top)).sum(-1) + rest_logp.exp() * (rest_logp - q_rest)
+    return kl.mean()
+
+
+class RelationNeighbours:
+    """Per-request neighbour prompts and their unedited targets, filled lazily during a fit.
+
+    Args:
+        subjects: candidate other subjects (:func:`load_subjects`).
+        prompts: neighbour prompts per request.
+        tokens: positions per prompt (1 = the next token after the prompt only).
+        seed: seed of the subject draws.
+        top: unedited tokens kept exactly per position (``None`` = :data:`TOP_TOKENS`).
+    """
+
+    def __init__(self, subjects: Sequence[str], prompts: int, tokens: int, seed: int = 0, top: Optional[int] = None):
+        self.subjects, self.prompts, self.tokens, self.seed = list(subjects), int(prompts), int(tokens), int(seed)
+        self.top = int(top if top is not None else TOP_TOKENS)
+        self._targets: dict[tuple, Optional[NeighbourTargets]] = {}
+
+    def __len__(self) -> int:
+        return sum(t is not None for t in self._targets.values())
+
+    def missing(self, requests: Sequence[EditRequest]) -> list[EditRequest]:
+        """Requests of ``requests`` whose targets are not computed yet (once each)."""
+        seen, out = set(), []
+        for r in requests:
+            key = _request_key(r)
+            if key not in self._targets and key not in seen:
+                seen.add(key)
+                out.append(r)
+        return out
+
+    def fill(self, model: nn.Module, tokenizer: Any, requests: Sequence[EditRequest], block_inputs: Any = None) -> None:
+        """Compute the targets of ``requests`` under ``model`` as it is now (call with the unedited weights)."""
+        for r in requests:
+            prompts = relation_prompts(r, self.subjects, self.prompts, self.seed)
+            self._targets[_request_key(r)] = (
+                build_targets(model, tokenizer, prompts, self.tokens, block_inputs, self.top) if prompts else None
+            )
+
+    def loss(self, model: nn.Module, tokenizer: Any, requests: Sequence[EditRequest], block_inputs: Any = None) -> Optional[torch.Tensor]:
+        """The mean KL over the neighbours of ``requests`` (``None`` when none of them has any)."""
+        targets = [self._targets.get(_request_key(r)) for r in requests]
+        targets = [t for t in targets if t is not None]
+        if not targets:
+            return None
+        return neighbour_kl(model, tokenizer, targets, block_inputs)

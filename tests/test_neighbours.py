@@ -1,0 +1,163 @@
+"""Relation-neighbour preservation and the LocFT-BF budget extension, on tiny random models."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from helpers import make_tiny_llama
+
+from lit_edit.data import EditDataModule, EditRequest
+from lit_edit.editors import LocFTBF
+from lit_edit.neighbours import build_targets, neighbour_kl, relation_prompts
+
+DOWN1 = "model.layers.1.mlp.down_proj.weight"
+OTHERS = ["Marie Curie", "Mount Fuji", "The Beatles", "Lake Victoria", "Albert Einstein", "Berlin Wall", "Nile", "Mozart"]
+
+
+@pytest.fixture
+def subjects_file(tmp_path):
+    path = tmp_path / "subjects.txt"
+    path.write_text("\n".join(OTHERS) + "\n\n")
+    return str(path)
+
+
+def trainer(**kw) -> L.Trainer:
+    return L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                     enable_model_summary=False, num_sanity_val_steps=0, **kw)
+
+
+def editor(model, tok, **kw):
+    kw.setdefault("target_modules", ["mlp.down_proj"])
+    kw.setdefault("layers_to_transform", [1])
+    kw.setdefault("lr", 1e-2)
+    kw.setdefault("min_loss", 0.0)
+    return LocFTBF(model=model, tokenizer=tok, **kw)
+
+
+def fit(ed, requests, epochs, batch_size=100, round_size=None):
+    trainer(max_epochs=epochs).fit(ed, datamodule=EditDataModule(requests=list(requests), batch_size=batch_size))
+    return ed
+
+
+# --------------------------------------------------------------------------- prompts
+
+
+def test_relation_prompts_swap_the_subject_deterministically(requests):
+    r = requests[0]
+    got = relation_prompts(r, OTHERS, 3, seed=0)
+    assert len(got) == 3 and len(set(got)) == 3
+    assert all("Eiffel Tower" not in p and p.endswith("is located in the city of") for p in got)
+    assert all(any(p == f"The {o} is located in the city of" for o in OTHERS) for p in got)
+    assert relation_prompts(r, OTHERS, 3, seed=0) == got  # same request, same neighbours
+    assert relation_prompts(r, OTHERS, 3, seed=1) != got or len(OTHERS) < 4
+    assert relation_prompts(r, ["Eiffel Tower", "Nile"], 3) == ["The Nile is located in the city of"]  # never itself
+    no_subject = EditRequest(prompt="Apple was founded by", target_new="Bill Gates")
+    assert relation_prompts(no_subject, OTHERS, 3) == []
+
+
+# --------------------------------------------------------------------------- the KL term
+
+
+def next_token_logp(model, tok, prompt):
+    ids = tok(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        return model(ids).logits[0, -1].float().log_softmax(-1)
+
+
+def test_neighbour_kl_is_zero_unedited_and_a_lower_bound_of_the_full_kl(tiny_llama, tokenizer):
+    prompts = ["The Nile is located in the city of", "Mozart was founded by"]
+    assert build_targets(tiny_llama, tokenizer, prompts, tokens=3).top_ids.shape[:2] == (2, 3)
+    targets = build_targets(tiny_llama, tokenizer, prompts, tokens=1)
+    assert float(neighbour_kl(tiny_llama, tokenizer, [targets]).detach()) == pytest.approx(0.0, abs=1e-5)
+    before = [next_token_logp(tiny_llama, tokenizer, p) for p in prompts]
+    with torch.no_grad():
+        w = dict(tiny_llama.named_parameters())[DOWN1]
+        torch.manual_seed(0)
+        w.add_(0.5 * torch.randn_like(w))
+    coarse = float(neighbour_kl(tiny_llama, tokenizer, [targets]).detach())
+    after = [next_token_logp(tiny_llama, tokenizer, p) for p in prompts]
+    exact = sum(float((b.exp() * (b - a)).sum()) for b, a in zip(before, after)) / len(prompts)
+    assert 1e-6 < coarse <= exact + 1e-6, (coarse, exact)  # a random model's top tokens hold little mass
+
+
+def test_neighbour_term_keeps_other_subjects_while_editing(tokenizer, requests, subjects_file, monkeypatch):
+    # a random model's next-token distribution is nearly flat: keep all of it, not only the top tokens
+    monkeypatch.setattr("lit_edit.neighbours.TOP_TOKENS", len(tokenizer) - 1)
+    probes = [p for r in requests for p in relation_prompts(r, OTHERS, 4, seed=0)]
+    drift = {}
+    for weight in (0.0, 30.0):
+        model = make_tiny_llama(len(tokenizer))
+        reference = build_targets(model, tokenizer, probes, tokens=1, top=len(tokenizer) - 1)  # the full KL
+        ed = editor(model, tokenizer, neighbour_kl=weight, neighbour_prompts=4, neighbour_subjects=subjects_file)
+        loss0 = ed.edit_loss(requests).detach()
+        fit(ed, requests, epochs=10)
+        loss1 = ed.edit_loss(requests).detach()
+        assert (loss1 < loss0 - 0.2).all(), (weight, loss0, loss1)  # the edits are still learned
+        drift[weight] = float(neighbour_kl(model, tokenizer, [reference]).detach())
+        assert (ed.neighbours is None) == (weight == 0.0)
+        if weight:
+            assert len(ed.neighbours) == len(requests)
+    assert drift[30.0] < 0.5 * drift[0.0], drift
+
+
+def test_neighbour_targets_come_from_the_unedited_weights(tiny_llama, tokenizer, requests, subjects_file):
+    """Targets filled mid-fit (a request first seen after some steps) still describe the unedited model."""
+    ed = editor(tiny_llama, tokenizer, neighbour_kl=1.0, neighbour_subjects=subjects_file)
+    fit(ed, requests[:2], epochs=3)  # edits the weights; the third request's neighbours are not filled yet
+    late = requests[2]
+    before = {n: p.detach().clone() for n, p in tiny_llama.named_parameters()}
+    ed.prepare_neighbours()
+    ed._fill_neighbours([late])
+    assert all(torch.equal(p, before[n]) for n, p in tiny_llama.named_parameters())  # the current weights are back
+    fresh = make_tiny_llama(len(tokenizer))
+    prompts = relation_prompts(late, ed.neighbours.subjects, ed.neighbours.prompts)
+    expected = build_targets(fresh, tokenizer, prompts, tokens=1)
+    got = ed.neighbours._targets[(late.prompt, late.subject, late.target_new)]
+    assert torch.equal(got.top_ids, expected.top_ids)
+    assert torch.allclose(got.top_logp, expected.top_logp, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"neighbour_kl": -1.0}, ValueError, "neighbour_kl must be >= 0"),
+        ({"neighbour_kl": 1.0, "lora_rank": 4}, ValueError, "neighbour_kl .* lora_rank"),
+        ({"neighbour_prompts": 0}, ValueError, "neighbour_prompts must be >= 1"),
+        ({"neighbour_tokens": 0}, ValueError, "neighbour_tokens must be >= 1"),
+        ({"neighbour_subjects": "wiki:test"}, ValueError, "neighbour_subjects"),
+        ({"neighbour_subjects": "/no/such/subjects.txt"}, ValueError, "neighbour_subjects"),
+        ({"extend_epochs": -1}, ValueError, "extend_epochs must be >= 0"),
+        ({"extend_min_drop": 1.5}, ValueError, "extend_min_drop"),
+        ({"extend_min_drop": -0.1}, ValueError, "extend_min_drop must be >= 0"),
+    ],
+)
+def test_neighbour_and_extension_options_are_checked(tiny_llama, tokenizer, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        editor(tiny_llama, tokenizer, **kwargs)
+
+
+# --------------------------------------------------------------------------- budget extension
+
+
+def test_extension_runs_past_max_epochs_only_while_the_loss_falls(tokenizer, requests):
+    runs = {}
+    for extend, drop in ((0, 0.05), (6, 0.0), (6, 0.99)):
+        ed = editor(make_tiny_llama(len(tokenizer)), tokenizer, lr=3e-3, extend_epochs=extend, extend_min_drop=drop)
+        fit(ed, requests, epochs=2)
+        runs[(extend, drop)] = ed.round_history[-1]
+    assert runs[(0, 0.05)]["epochs"] == 2
+    assert runs[(6, 0.0)]["epochs"] == 8  # the loss keeps falling: every extra epoch is used
+    assert runs[(6, 0.99)]["epochs"] == 2  # no epoch falls by 99%: stops at max_epochs
+    assert runs[(6, 0.0)]["loss"] < runs[(0, 0.05)]["loss"]
+
+
+def test_extension_stops_at_min_loss_and_applies_per_round(tokenizer, requests):
+    ed = editor(make_tiny_llama(len(tokenizer)), tokenizer, lr=3e-3, extend_epochs=6, extend_min_drop=0.0)
+    reached = fit(ed, requests, epochs=2).round_history[-1]["loss"]  # after 8 epochs
+    ed = editor(make_tiny_llama(len(tokenizer)), tokenizer, lr=3e-3, min_loss=reached + 1e-4, extend_epochs=30, extend_min_drop=0.0)
+    h = fit(ed, requests, epochs=2).round_history[-1]
+    assert h["stopped"] == "min_loss" and 2 < h["epochs"] <= 8, h
+    ed = editor(make_tiny_llama(len(tokenizer)), tokenizer, lr=3e-3, round_size=2, extend_epochs=3, extend_min_drop=0.0)
+    fit(ed, requests, epochs=2)
+    assert [h["epochs"] for h in ed.round_history] == [5, 5]
