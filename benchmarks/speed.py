@@ -268,6 +268,7 @@ def run_locft(model, tokenizer, args, device) -> dict[str, Any]:
 
         editor.stop_block_input_cache = keep_size
         _, seconds, peak, cpu = timed(device, lambda: trainer.fit(editor, datamodule=data))
+        model.to(device)  # the Trainer hands the module back on the CPU at the end of fit
         editor.restore()
         return {"seconds": seconds, "cpu_seconds": cpu, "epoch_seconds": record.seconds, "epoch_cpu_seconds": record.cpu,
                 "losses": record.losses, "peak_mb": peak,
@@ -302,6 +303,7 @@ def run_locft(model, tokenizer, args, device) -> dict[str, Any]:
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
     data = EditDataModule(requests=list(df_requests), batch_size=1, shuffle=False)
     _, seconds, peak, cpu = timed(device, lambda: trainer.fit(editor, datamodule=data))
+    model.to(device)
     location = editor.parameter_mask()
     editor.restore()
     out["depth_first"] = {"requests": len(df_requests), "steps": args.df_steps, "seconds": seconds,
@@ -636,6 +638,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     for name in sections:
         t0 = time.perf_counter()
         torch.manual_seed(args.seed)
+        model.to(device)  # every section starts with the model on the measured device
         result["sections"][name] = runners[name](model, tokenizer, args, device)
         result["sections"][name]["section_seconds"] = time.perf_counter() - t0
         log.info("section %s done in %.0f s", name, time.perf_counter() - t0)

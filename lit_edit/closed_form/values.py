@@ -403,7 +403,7 @@ def optimize_values(
     """
     if site not in ("mlp_out", "block"):
         raise ValueError(f"site must be 'mlp_out' or 'block', got {site!r}")
-    from lit_edit.losses import length_groups
+    from lit_edit.losses import group_overhead, length_groups
 
     arch = arch or arch_for(model)
     device = next(model.parameters()).device
@@ -416,9 +416,9 @@ def optimize_values(
     if not group_rows:
         groups = [list(range(n_rows))]
     elif prefix:
-        groups = span_groups(data.fact.tolist(), lengths)
+        groups = span_groups(data.fact.tolist(), lengths, group_overhead(device))
     else:
-        groups = length_groups(lengths)
+        groups = length_groups(lengths, group_overhead(device))
     group_of = torch.zeros(n_rows, dtype=torch.long, device=device)
     local = torch.zeros(n_rows, dtype=torch.long, device=device)
     parts: list[tuple[torch.Tensor, _Runner, torch.Tensor, torch.Tensor]] = []
