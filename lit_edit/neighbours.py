@@ -3,8 +3,9 @@
 An edit request's prompt is a relation template filled with its subject ("The genre played by
 {Sal Mosca} is"). Fine-tuning on the request can learn the relation instead of the fact: every
 subject asked the same question starts to get the new answer. This term fills each request's
-template with other subjects (``neighbour_prompts`` per request, drawn from generic subjects:
-the offline Wikipedia titles by default, never the evaluation's locality prompts) and
+template with other subjects (``neighbour_prompts`` per request, drawn at random or the most similar
+ones, ``neighbour_choice``, from generic subjects: the offline Wikipedia titles by default,
+never the evaluation's locality prompts) and
 penalises how far the edited model's next-token distributions on those prompts move from the
 unedited model's:
 
@@ -37,7 +38,20 @@ from lit_edit.data.request import EditRequest
 from lit_edit.data.tokenize import encode_prompt, pad_rows
 from lit_edit.models import logits_at
 
-__all__ = ["NeighbourTargets", "RelationNeighbours", "build_targets", "check_subjects_source", "load_subjects", "neighbour_kl", "relation_prompts"]
+__all__ = [
+    "CHOICES",
+    "NeighbourTargets",
+    "RelationNeighbours",
+    "SubjectIndex",
+    "build_targets",
+    "check_subjects_source",
+    "load_subjects",
+    "neighbour_kl",
+    "relation_prompts",
+]
+
+#: How the other subjects are chosen (:class:`RelationNeighbours`).
+CHOICES = ("random", "similar")
 
 #: Tokens of the unedited distribution kept exactly at each position; the rest is one outcome.
 TOP_TOKENS = 256
@@ -78,27 +92,65 @@ def _request_key(r: EditRequest) -> tuple:
     return (r.prompt, r.subject, r.target_new)
 
 
-def relation_prompts(request: EditRequest, subjects: Sequence[str], n: int, seed: int = 0) -> list[str]:
-    """``request.prompt`` with its subject replaced by ``n`` other subjects (every occurrence),
-    drawn without replacement from ``subjects`` by a generator seeded from ``seed`` and the
-    request, so the same request always gets the same neighbours. No prompts when the request
-    has no subject or its prompt does not contain it."""
+def _same_entity(a: str, b: str) -> bool:
+    """Whether one name contains the other (case-insensitive): "Apple" and "Apple Inc." name the
+    same thing, and keeping the unedited answer for one would fight the edit of the other."""
+    a, b = a.strip().lower(), b.strip().lower()
+    return a in b or b in a
+
+
+def relation_prompts(
+    request: EditRequest, subjects: Sequence[str], n: int, seed: int = 0, order: Optional[Sequence[int]] = None
+) -> list[str]:
+    """``request.prompt`` with its subject replaced by ``n`` other subjects (every occurrence).
+
+    Without ``order`` the subjects are drawn from ``subjects`` by a generator seeded from
+    ``seed`` and the request, so the same request always gets the same neighbours; with
+    ``order`` (indices into ``subjects``, e.g. most similar first) they are taken in that order.
+    A subject that contains the request's subject or is contained in it is never used. No
+    prompts when the request has no subject or its prompt does not contain it."""
     subject = request.subject
     if not subject or subject not in request.prompt or n < 1:
         return []
-    digest = hashlib.sha256(f"{seed}\0{request.prompt}\0{subject}".encode()).digest()
-    rng = random.Random(int.from_bytes(digest[:8], "little"))
+    if order is None:
+        digest = hashlib.sha256(f"{seed}\0{request.prompt}\0{subject}".encode()).digest()
+        rng = random.Random(int.from_bytes(digest[:8], "little"))
+        candidates = (rng.randrange(len(subjects)) for _ in range(10 * n + 10))
+    else:
+        candidates = iter(order)
     out: list[str] = []
-    tried = 0
-    while len(out) < n and tried < 10 * n + 10:
-        other = subjects[rng.randrange(len(subjects))]
-        tried += 1
-        if other.strip().lower() == subject.strip().lower():
+    for i in candidates:
+        other = subjects[i]
+        if _same_entity(other, subject):
             continue
         prompt = request.prompt.replace(subject, other)
         if prompt not in out:
             out.append(prompt)
+        if len(out) == n:
+            break
     return out
+
+
+class SubjectIndex:
+    """Candidate subjects ranked by similarity to a given subject under a model's input embeddings:
+    each name is the mean of its tokens' embeddings (tokenized after a space, as inside a prompt),
+    compared by cosine similarity."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any, subjects: Sequence[str]):
+        self.model, self.tokenizer = model, tokenizer
+        self.vectors = torch.stack([self._vector(s) for s in subjects])
+
+    @torch.no_grad()
+    def _vector(self, name: str) -> torch.Tensor:
+        table = self.model.get_input_embeddings().weight
+        ids = self.tokenizer(" " + name.strip(), add_special_tokens=False)["input_ids"] or [self.tokenizer.eos_token_id]
+        v = table[torch.tensor(ids, device=table.device)].float().mean(0)
+        return (v / v.norm().clamp_min(1e-12)).cpu()
+
+    def nearest(self, subject: str, k: int) -> list[int]:
+        """Indices of the ``k`` candidates most similar to ``subject``, most similar first."""
+        scores = self.vectors @ self._vector(subject)
+        return scores.topk(min(k, len(scores))).indices.tolist()
 
 
 @dataclass
@@ -182,11 +234,20 @@ class RelationNeighbours:
         tokens: positions per prompt (1 = the next token after the prompt only).
         seed: seed of the subject draws.
         top: unedited tokens kept exactly per position (``None`` = :data:`TOP_TOKENS`).
+        choice: ``random`` (seeded draws) or ``similar`` (the subjects nearest the request's
+            under the model's input embeddings, :class:`SubjectIndex`: the subjects an edit is
+            most likely to spill onto).
     """
 
-    def __init__(self, subjects: Sequence[str], prompts: int, tokens: int, seed: int = 0, top: Optional[int] = None):
+    def __init__(
+        self, subjects: Sequence[str], prompts: int, tokens: int, seed: int = 0, top: Optional[int] = None, choice: str = "random"
+    ):
+        if choice not in CHOICES:
+            raise ValueError(f"neighbour_choice must be one of {list(CHOICES)}, got {choice!r}")
         self.subjects, self.prompts, self.tokens, self.seed = list(subjects), int(prompts), int(tokens), int(seed)
         self.top = int(top if top is not None else TOP_TOKENS)
+        self.choice = choice
+        self._index: Optional[SubjectIndex] = None
         self._targets: dict[tuple, Optional[NeighbourTargets]] = {}
 
     def __len__(self) -> int:
@@ -205,7 +266,12 @@ class RelationNeighbours:
     def fill(self, model: nn.Module, tokenizer: Any, requests: Sequence[EditRequest], block_inputs: Any = None) -> None:
         """Compute the targets of ``requests`` under ``model`` as it is now (call with the unedited weights)."""
         for r in requests:
-            prompts = relation_prompts(r, self.subjects, self.prompts, self.seed)
+            order = None
+            if self.choice == "similar" and r.subject:
+                if self._index is None:
+                    self._index = SubjectIndex(model, tokenizer, self.subjects)
+                order = self._index.nearest(r.subject, 4 * self.prompts + 16)
+            prompts = relation_prompts(r, self.subjects, self.prompts, self.seed, order)
             self._targets[_request_key(r)] = (
                 build_targets(model, tokenizer, prompts, self.tokens, block_inputs, self.top) if prompts else None
             )

@@ -9,7 +9,7 @@ from helpers import make_tiny_llama
 
 from lit_edit.data import EditDataModule, EditRequest
 from lit_edit.editors import LocFTBF
-from lit_edit.neighbours import build_targets, neighbour_kl, relation_prompts
+from lit_edit.neighbours import RelationNeighbours, SubjectIndex, build_targets, neighbour_kl, relation_prompts
 
 DOWN1 = "model.layers.1.mlp.down_proj.weight"
 OTHERS = ["Marie Curie", "Mount Fuji", "The Beatles", "Lake Victoria", "Albert Einstein", "Berlin Wall", "Nile", "Mozart"]
@@ -54,6 +54,27 @@ def test_relation_prompts_swap_the_subject_deterministically(requests):
     assert relation_prompts(r, ["Eiffel Tower", "Nile"], 3) == ["The Nile is located in the city of"]  # never itself
     no_subject = EditRequest(prompt="Apple was founded by", target_new="Bill Gates")
     assert relation_prompts(no_subject, OTHERS, 3) == []
+
+
+def test_relation_prompts_never_use_the_same_entity(requests):
+    r = requests[2]  # subject "Apple"
+    got = relation_prompts(r, ["Apple Inc.", "apple", "Pineapple", "Nile"], 4)
+    assert got == ["Nile was founded by"]
+
+
+def test_similar_choice_takes_the_nearest_subjects_first(tiny_llama, tokenizer, requests):
+    r = requests[0]  # "Eiffel Tower"
+    candidates = OTHERS + ["Tower Eiffel"]  # the same tokens in another order: the same mean embedding
+    index = SubjectIndex(tiny_llama, tokenizer, candidates)
+    order = index.nearest(r.subject, 5)
+    assert order[0] == len(candidates) - 1
+    assert relation_prompts(r, candidates, 2, order=order)[0] == "The Tower Eiffel is located in the city of"
+    similar = RelationNeighbours(candidates, prompts=2, tokens=1, choice="similar")
+    similar.fill(tiny_llama, tokenizer, [r])
+    first = similar._targets[(r.prompt, r.subject, r.target_new)].rows[0]
+    assert first == tokenizer("The Tower Eiffel is located in the city of")["input_ids"]
+    with pytest.raises(ValueError, match="neighbour_choice"):
+        RelationNeighbours(candidates, prompts=2, tokens=1, choice="nearest")
 
 
 # --------------------------------------------------------------------------- the KL term
@@ -127,6 +148,7 @@ def test_neighbour_targets_come_from_the_unedited_weights(tiny_llama, tokenizer,
         ({"neighbour_tokens": 0}, ValueError, "neighbour_tokens must be >= 1"),
         ({"neighbour_subjects": "wiki:test"}, ValueError, "neighbour_subjects"),
         ({"neighbour_subjects": "/no/such/subjects.txt"}, ValueError, "neighbour_subjects"),
+        ({"neighbour_choice": "nearest"}, ValueError, "neighbour_choice must be one of"),
         ({"extend_epochs": -1}, ValueError, "extend_epochs must be >= 0"),
         ({"extend_min_drop": 1.5}, ValueError, "extend_min_drop"),
         ({"extend_min_drop": -0.1}, ValueError, "extend_min_drop must be >= 0"),

@@ -73,7 +73,7 @@ from lit_edit.editors.base import Editor
 from lit_edit.guards import DEFAULT_MAX_UPDATE_RATIO, UpdateGuard
 from lit_edit.losses import BlockInputCache, PreservationTerm, ft_loss, preservation_loss
 from lit_edit.masks import ElementMaskHook, check_layers, resolve_mask
-from lit_edit.neighbours import RelationNeighbours, check_subjects_source
+from lit_edit.neighbours import CHOICES, RelationNeighbours, check_subjects_source
 from lit_edit.options import check_bool, check_int, check_real, check_str
 
 log = logging.getLogger(__name__)
@@ -122,6 +122,8 @@ def _check_options(**o: Any) -> None:
     check_int("neighbour_prompts", o["neighbour_prompts"], minimum=1)
     check_int("neighbour_tokens", o["neighbour_tokens"], minimum=1)
     check_subjects_source(o["neighbour_subjects"])
+    if o["neighbour_choice"] not in CHOICES:
+        raise ValueError(f"neighbour_choice must be one of {list(CHOICES)}, got {o['neighbour_choice']!r}")
     check_bool("cache_block_inputs", o["cache_block_inputs"])
     check_bool("group_by_length", o["group_by_length"])
 
@@ -166,6 +168,9 @@ class FineTuneEditor(Editor):
             prompt, then the unedited model's own greedy continuation (teacher forced).
         neighbour_subjects: where the other subjects come from: ``wiki:train`` (offline
             Wikipedia article titles of the statistics split) or a ``.txt`` file, one per line.
+        neighbour_choice: ``random`` (seeded draws per request) or ``similar`` (the subjects
+            nearest the request's by the model's input embeddings: those an edit is most likely
+            to spill onto).
         max_update_ratio: after every optimizer step, the tuned tensors must be finite and their
             total change W − W₀ from the original must stay under this (the larger of
             ‖W − W₀‖_F/‖W₀‖_F and max|W − W₀|/max|W₀|, :mod:`lit_edit.guards`); ``None`` checks
@@ -213,6 +218,7 @@ class FineTuneEditor(Editor):
         neighbour_prompts: int = 4,
         neighbour_tokens: int = 1,
         neighbour_subjects: str = "wiki:train",
+        neighbour_choice: Literal["random", "similar"] = "random",
         max_update_ratio: Optional[float] = DEFAULT_MAX_UPDATE_RATIO,
         on_bad_update: Literal["refuse", "warn"] = "refuse",
         chat_template: Literal["auto", "never", "always"] = "never",
@@ -224,7 +230,7 @@ class FineTuneEditor(Editor):
             min_loss=min_loss, adam_eps=adam_eps, linf_eps=linf_eps, lora_rank=lora_rank, lora_alpha=lora_alpha,
             preservation=preservation, preservation_texts=preservation_texts, preservation_corpus=preservation_corpus,
             neighbour_kl=neighbour_kl, neighbour_prompts=neighbour_prompts, neighbour_tokens=neighbour_tokens,
-            neighbour_subjects=neighbour_subjects,
+            neighbour_subjects=neighbour_subjects, neighbour_choice=neighbour_choice,
             cache_block_inputs=cache_block_inputs, group_by_length=group_by_length,
         )  # before the model is loaded
         guard = UpdateGuard(max_update_ratio, on_bad_update)
@@ -510,11 +516,14 @@ class FineTuneEditor(Editor):
             return
         from lit_edit.neighbours import load_subjects
 
+        choice = self.hparams.get("neighbour_choice", "random")
         self.neighbours = RelationNeighbours(
-            load_subjects(self.hparams["neighbour_subjects"]), self.hparams["neighbour_prompts"], self.hparams["neighbour_tokens"]
+            load_subjects(self.hparams["neighbour_subjects"]), self.hparams["neighbour_prompts"], self.hparams["neighbour_tokens"],
+            choice=choice,
         )
-        log.info("relation-neighbour term: %d prompts per request, %d token(s) each, subjects from %s (%d)",
-                 self.neighbours.prompts, self.neighbours.tokens, self.hparams["neighbour_subjects"], len(self.neighbours.subjects))
+        log.info("relation-neighbour term: %d prompts per request, %d token(s) each, %s subjects from %s (%d)",
+                 self.neighbours.prompts, self.neighbours.tokens, choice, self.hparams["neighbour_subjects"],
+                 len(self.neighbours.subjects))
 
     @torch.no_grad()
     def _fill_neighbours(self, requests: list[EditRequest]) -> None:
