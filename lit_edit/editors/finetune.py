@@ -718,9 +718,11 @@ class LocFTBF(FineTuneEditor):
         size = self.hparams.get("round_size")
         self._num_rounds, self._epochs_per_round = 1, None
         extend = int(self.hparams.get("extend_epochs") or 0)
-        self._base_epochs = getattr(trainer, "_lit_edit_base_epochs", None)
-        if self._base_epochs is None and trainer.max_epochs is not None and trainer.max_epochs > 0:
-            self._base_epochs = trainer._lit_edit_base_epochs = int(trainer.max_epochs)
+        self._base_epochs = None
+        if extend:  # the budget before extension, kept on the Trainer for a later fit with it
+            self._base_epochs = getattr(trainer, "_lit_edit_base_epochs", None)
+            if self._base_epochs is None and trainer.max_epochs is not None and trainer.max_epochs > 0:
+                self._base_epochs = trainer._lit_edit_base_epochs = int(trainer.max_epochs)
         if size is None:
             if extend and self._base_epochs is not None:
                 trainer.fit_loop.max_epochs = self._base_epochs + extend
