@@ -19,8 +19,8 @@ applied only at the positions the loss reads. ``partial=False`` runs the whole m
 instead (same result; for architectures whose blocks cannot be called on their own).
 
 Attention is causal and δ enters at the fact token, so nothing before the fact token changes
-during the optimisation: with ``prefix_cache`` (the default, for the ``sdpa`` and ``eager``
-attention implementations) the first pass also records every block's keys and values of those
+during the optimisation: with ``prefix_cache`` (by default on a CPU; for the ``sdpa`` and
+``eager`` attention implementations) the first pass also records every block's keys and values of those
 positions, and each step runs the blocks only from the fact token onward (the earliest fact token
 of a sub-batch), attending to the recorded prefix. Rows are grouped into sub-batches by where
 their fact token and their end fall (:func:`span_groups`), so a step runs little more than the
@@ -381,7 +381,7 @@ def optimize_values(
     progress: bool = True,
     desc: str = "v*/z",
     group_rows: bool = True,
-    prefix_cache: bool = True,
+    prefix_cache: Optional[bool] = None,
 ) -> ValueResult:
     """Optimise one δ per request (all in one batch) and return the target values h₀ + δ.
 
@@ -400,6 +400,10 @@ def optimize_values(
             each sub-batch's earliest fact token once and run every step from there on (same
             vectors up to float rounding; falls back to whole rows where the attention
             implementation or the block arguments are not ``sdpa``/``eager`` Llama-style ones).
+            ``None`` (default): on when the model is on a CPU, where it saves work in proportion
+            to the positions left out (1.66× on SmolLM2-135M), off on an accelerator, where a
+            small model's step is bound by kernel launches and the extra sub-batches cost more
+            than the positions saved (0.6× on an H200).
     """
     if site not in ("mlp_out", "block"):
         raise ValueError(f"site must be 'mlp_out' or 'block', got {site!r}")
@@ -412,6 +416,8 @@ def optimize_values(
     owner = data.owner.to(device)
     n_rows = ids.shape[0]
     lengths = data.mask.sum(1).tolist()
+    if prefix_cache is None:
+        prefix_cache = device.type == "cpu"
     prefix = prefix_cache and partial
     if not group_rows:
         groups = [list(range(n_rows))]

@@ -80,7 +80,7 @@ class ValueOptions:
         prefix_cache: with ``partial_forward``, record the keys and values of the positions
             before the subject's last token once and run every step from there on (same vectors
             up to float rounding; Llama-style blocks with ``sdpa``/``eager`` attention, whole
-            rows otherwise).
+            rows otherwise). ``None``: on when the model is on a CPU, off on an accelerator.
         stop: stop-aware target (docs/methods.md §2): ``None`` optimises the target tokens only;
             ``"eos"`` optimises target + the tokenizer's EOS token; any other string (e.g.
             ``"."`` or ``"\\n"``) is tokenized after the target as the model would continue and
@@ -95,7 +95,7 @@ class ValueOptions:
     clamp_norm_factor: Optional[float] = None
     batch_size: int = 16
     partial_forward: bool = True
-    prefix_cache: bool = True
+    prefix_cache: Optional[bool] = None
     stop: Optional[str] = None
 
     def __post_init__(self) -> None:
@@ -108,7 +108,8 @@ class ValueOptions:
         check_real("values.clamp_norm_factor", self.clamp_norm_factor, minimum=0, exclusive=True, allow_none=True)
         check_int("values.batch_size", self.batch_size, minimum=1)
         check_bool("values.partial_forward", self.partial_forward)
-        check_bool("values.prefix_cache", self.prefix_cache)
+        if self.prefix_cache is not None:
+            check_bool("values.prefix_cache", self.prefix_cache)
         if self.stop is not None and (not isinstance(self.stop, str) or not self.stop):
             bad = TypeError if not isinstance(self.stop, str) else ValueError
             raise bad(f"values.stop must be null, 'eos' or a non-empty stop string, got {self.stop!r}")
