@@ -61,3 +61,27 @@ def test_value_optimisation_reports_its_steps(tokenizer, caplog, monkeypatch):
     with caplog.at_level(logging.INFO, logger="lit_edit.closed_form.values"):
         optimize_values(model, tokenizer, reqs, 1, "block", ("{}",), settings, progress=False)
     assert not [r for r in caplog.records if r.getMessage().startswith("v*/z")]
+
+
+def test_memit_counts_the_requests_across_its_value_batches(tokenizer, caplog, monkeypatch):
+    """Many short v*/z batches (each under the log interval) still give lines: the requests done."""
+    import lit_edit.editors.memit as memit
+    from lit_edit.editors import MEMIT
+
+    monkeypatch.setattr(progress_mod, "_is_terminal", lambda: False)
+    monkeypatch.setattr(memit, "Progress", functools.partial(Progress, interval=0))
+    editor = MEMIT(model=make_tiny_llama(len(tokenizer), layers=2), tokenizer=tokenizer, layers=[0, 1],
+                   values={"steps": 2, "batch_size": 2})
+    monkeypatch.setattr(editor, "context_templates", lambda: [["{}"]])
+    reqs = [
+        EditRequest(prompt="The Eiffel Tower is located in", subject="Eiffel Tower", target_new="Rome"),
+        EditRequest(prompt="Danielle Darrieux speaks", subject="Danielle Darrieux", target_new="English"),
+        EditRequest(prompt="Toko Yasuda plays the", subject="Toko Yasuda", target_new="piano"),
+    ]
+    with caplog.at_level(logging.INFO, logger="lit_edit.editors.memit"):
+        got = editor.target_values(reqs)
+    assert [len(r.target) for r in got] == [2, 1]
+    lines = [r.getMessage() for r in caplog.records if r.name == "lit_edit.editors.memit"]
+    assert lines[0].startswith("v*/z of 3 requests in 2 batch(es) of 2: requests: 2/3 after")
+    assert lines[1].startswith("v*/z of 3 requests in 2 batch(es) of 2: requests: 3/3 after")
+    assert lines[-1].endswith("(done)")

@@ -11,6 +11,7 @@ condition number of λC + K Kᵀ (``edit/cond/layer<l>``, the largest as ``edit/
 
 from __future__ import annotations
 
+import logging
 from typing import Optional
 
 import torch
@@ -26,6 +27,7 @@ from lit_edit.closed_form import (
 from lit_edit.data.request import EditRequest
 from lit_edit.distributed import gather_objects, rank_and_world_size
 from lit_edit.editors.closed_form import ClosedFormEditor
+from lit_edit.progress import Progress
 
 __all__ = ["MEMIT"]
 
@@ -54,16 +56,22 @@ class MEMIT(ClosedFormEditor):
         options = self.settings.values
         settings = self.value_settings()
         chunk = max(1, int(options.batch_size))
+        batches = -(-len(requests) // chunk)
         results = []
-        with torch.enable_grad():
+        # the requests done so far, across the batches (each batch also counts its own steps):
+        # a run of many short batches still writes a log line every 30 s
+        done = Progress(len(requests), f"v*/z of {len(requests)} requests in {batches} batch(es) of {chunk}: requests",
+                        logging.getLogger(__name__), enabled=batches > 1)
+        with torch.enable_grad(), done:
             for s in range(0, len(requests), chunk):
                 results.append(
                     optimize_values(
                         self.model, self.tokenizer, requests[s : s + chunk], layers[-1], "block", flat,
                         settings, partial=options.partial_forward, prefix_cache=options.prefix_cache, arch=self.arch,
-                        desc=f"v*/z batch {s // chunk + 1}/{-(-len(requests) // chunk)}",
+                        desc=f"v*/z batch {s // chunk + 1}/{batches}",
                     )
                 )
+                done.update(len(requests[s : s + chunk]), loss=float(results[-1].loss.mean()))
         return results
 
     def shared_values(self, requests: list[EditRequest]) -> list[ValueResult]:
