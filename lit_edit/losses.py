@@ -168,31 +168,50 @@ class BlockInputCache:
         if not 0 < layer < len(blocks):
             raise ValueError(f"layer must be in 1..{len(blocks) - 1} (0 would cache nothing), got {layer}")
         self.blocks, self.layer = blocks, layer
-        self._states: dict[tuple[int, ...], torch.Tensor] = {}
+        # every cached row lives in one pool (row 0 of which is zeros, for padding), so a batch
+        # is assembled by one indexed read: key -> (first pool row, length)
+        self._where: dict[tuple[int, ...], tuple[int, int]] = {}
+        self._new: list[torch.Tensor] = []
+        self._pool: Optional[torch.Tensor] = None
+        self._rows = 1
         #: Forward passes run from the cached block (``hits``) and in full (``misses``).
         self.hits = 0
         self.misses = 0
 
     def __len__(self) -> int:
-        return len(self._states)
+        return len(self._where)
 
     @property
     def nbytes(self) -> int:
         """Memory held by the cached states, in bytes."""
-        return sum(t.numel() * t.element_size() for t in self._states.values())
+        held = ([self._pool] if self._pool is not None else []) + self._new
+        return sum(t.numel() * t.element_size() for t in held)
 
     def clear(self) -> None:
-        self._states.clear()
+        self._where.clear()
+        self._new.clear()
+        self._pool, self._rows = None, 1
         self.hits = self.misses = 0
+
+    def _pooled(self) -> torch.Tensor:
+        if self._new:
+            first = self._new[0]
+            parts = [self._pool if self._pool is not None else first.new_zeros(1, first.shape[-1])] + self._new
+            self._pool = torch.cat(parts)
+            self._new = []
+        assert self._pool is not None
+        return self._pool
 
     @staticmethod
     def _keys(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Optional[list[tuple[int, ...]]]:
-        """Each row's unpadded token ids, or ``None`` when a row is not right-padded."""
+        """Each row's unpadded token ids, or ``None`` when a row is not right-padded (read on the
+        host: one copy per batch, not one per row)."""
+        input_ids, attention_mask = input_ids.cpu(), attention_mask.cpu()
         lengths = attention_mask.sum(1)
-        positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+        positions = torch.arange(attention_mask.shape[1])
         if not torch.equal(attention_mask.bool(), positions[None, :] < lengths[:, None]):
             return None
-        return [tuple(row[: int(n)].tolist()) for row, n in zip(input_ids, lengths)]
+        return [tuple(row[:n]) for row, n in zip(input_ids.tolist(), lengths.tolist())]
 
     @contextmanager
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Iterator[None]:
@@ -202,11 +221,13 @@ class BlockInputCache:
             yield
             return
         block = self.blocks[self.layer]
-        if all(k in self._states for k in keys):
-            first = self._states[keys[0]]
-            h = first.new_zeros(input_ids.shape[0], input_ids.shape[1], first.shape[-1])
-            for b, k in enumerate(keys):  # padding positions stay zero: no real token attends to them
-                h[b, : len(k)] = self._states[k]
+        if all(k in self._where for k in keys):
+            pool = self._pooled()
+            index = torch.zeros(input_ids.shape[0], input_ids.shape[1], dtype=torch.long)
+            for b, k in enumerate(keys):  # padding positions read the zero row: no real token attends to them
+                start, n = self._where[k]
+                index[b, :n] = torch.arange(start, start + n)
+            h = pool[index.to(pool.device)]
 
             def replace(mod: nn.Module, args: tuple, kwargs: dict):
                 if args:
@@ -229,8 +250,10 @@ class BlockInputCache:
         def record(mod: nn.Module, args: tuple, kwargs: dict) -> None:
             x = (args[0] if args else kwargs["hidden_states"]).detach()
             for b, k in enumerate(keys):
-                if k not in self._states:
-                    self._states[k] = x[b, : len(k)].clone()
+                if k not in self._where:
+                    self._where[k] = (self._rows, len(k))
+                    self._rows += len(k)
+                    self._new.append(x[b, : len(k)].clone())
 
         handle = block.register_forward_pre_hook(record, with_kwargs=True)
         try:
