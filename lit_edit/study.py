@@ -52,6 +52,7 @@ __all__ = [
     "ResumableTable",
     "STUDY_FIGURES",
     "Study",
+    "data_label",
     "edit_score",
     "protocol_label",
     "reference_row",
@@ -248,6 +249,14 @@ def _init_arguments(cls: type) -> set[str]:
         if not any(p.kind == p.VAR_KEYWORD for p in params):
             break
     return names
+
+
+def data_label(data: Any, n: int) -> str:
+    """The ``n`` records a study edits from the parsed ``--data.*`` settings, e.g.
+    ``counterfact[1000:1100]`` (``demo`` for the built-in set): the ``data`` name its rows carry."""
+    path = getattr(data, "path", None) or "demo"
+    offset = int(getattr(data, "offset", 0) or 0)
+    return f"{path}[{offset}:{offset + n}]"
 
 
 def edit_score(

@@ -38,7 +38,6 @@ docs/long-runs.md ("Batch-size study") lists the settings of the paper's scale.
 
 from __future__ import annotations
 
-import importlib.util
 import inspect
 import json
 import logging
@@ -51,23 +50,25 @@ from lit_edit.editors import EMMET, MEMIT, ROME, AlphaEdit, LocFTBF
 from lit_edit.editors.closed_form import ClosedFormEditor
 from lit_edit.evaluation import RetentionCurve
 from lit_edit.io import atomic_write
+from lit_edit.long_runs import (
+    CURVE_SET,
+    check_curve,
+    check_restored,
+    claim_run_dir,
+    curve_args_of,
+    ppl_column,
+    read_csv,
+    sequential_fit,
+    settings_digest,
+    snapshot,
+)
 from lit_edit.plots import series_plot
 from lit_edit.progress import Progress
-from lit_edit.study import Study
+from lit_edit.study import Study, data_label
 
 log = logging.getLogger("lit_edit.recipes.batch_size_study")
 DEFAULTS = __file__.removesuffix(".py") + ".yaml"
 
-
-def _shared():
-    """recipes/rome_collapse.py, beside this file: the sequential fit, the edit log and the helpers both studies use."""
-    spec = importlib.util.spec_from_file_location("lit_edit_recipe_rome_collapse", Path(__file__).with_name("rome_collapse.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-shared = _shared()
 
 EDITORS = {"rome": ROME, "memit": MEMIT, "emmet": EMMET, "alphaedit": AlphaEdit, "locft_bf": LocFTBF}
 NAMES = {"rome": "ROME", "memit": "MEMIT", "emmet": "EMMET", "alphaedit": "AlphaEdit", "locft_bf": "LocFTBF"}
@@ -94,7 +95,7 @@ def _arguments(parser) -> None:
                         help="Per-editor settings over --model.* (e.g. {memit: {statistics: {update_weight: 15000}}, locft_bf: {lr: 1e-3}}).")
     parser.add_argument("--locft_epochs", type=int, default=25, help="LocFT-BF: epochs per round (its early stop may end a round sooner).")
     parser.add_argument("--locft_minibatch", type=int, default=16, help="LocFT-BF: mini-batch of a round (capped at the round's requests).")
-    parser.add_class_arguments(RetentionCurve, "curve", skip=shared.CURVE_SET)
+    parser.add_class_arguments(RetentionCurve, "curve", skip=CURVE_SET)
     parser.set_defaults(out_dir="results/batch_size_study")
 
 
@@ -115,7 +116,7 @@ def _check(parser, cfg) -> None:
         parser.error("--model.accumulate must be true: the study keeps every batch's edit (sequential-batched)")
     if cfg.data.shuffle:
         parser.error("--data.shuffle must be false: every cell edits the records in the same order")
-    shared.check_curve(parser, cfg)
+    check_curve(parser, cfg)
 
 
 def cells(editors: list[str], batch_sizes: list[int], n: int) -> list[tuple[str, int]]:
@@ -152,9 +153,9 @@ def main(args: Optional[list[str]] = None) -> list[dict[str, Any]]:
         runs = cells(editors, cfg.batch_sizes, len(requests))
     except ValueError as e:
         study.parser.error(str(e))
-    curve_args = shared.curve_args_of(cfg)
-    data = shared.data_label(cfg.data, len(requests))
-    settings = shared.settings_digest(cfg, skip=("out_dir", "trainer", "config", "__path__", "editors", "batch_sizes"))
+    curve_args = curve_args_of(cfg)
+    data = data_label(cfg.data, len(requests))
+    settings = settings_digest(cfg, skip=("out_dir", "trainer", "config", "__path__", "editors", "batch_sizes"))
     todo = [(e, b) for e, b in runs if not table.done(editor=NAMES[e], strategy=strategy_of(b), batch_size=b, model=study.model_name, data=data)]
     log.info("batch-size study: %d cell(s) to run, %d already done", len(todo), len(runs) - len(todo))
 
@@ -176,8 +177,8 @@ def _run_cell(study: Study, editor_name: str, b: int, requests: list, curve_args
             "model": study.model_name, "data": data}
     run_dir = study.out / f"{editor_name}_b{b}"
     own = dict(cfg.editor_args.get(editor_name, {}))
-    shared.claim_run_dir(run_dir, {**settings, **meta, "editor_args": own})
-    originals = shared.snapshot(study.model)
+    claim_run_dir(run_dir, {**settings, **meta, "editor_args": own})
+    originals = snapshot(study.model)
     if editor_name == "locft_bf":
         editor = LocFTBF(model=study.model, tokenizer=study.tokenizer, round_size=b, accumulate=True, **own)
         fit = dict(batch_size=min(cfg.locft_minibatch, b), max_epochs=cfg.locft_epochs, rounds=True)
@@ -185,13 +186,13 @@ def _run_cell(study: Study, editor_name: str, b: int, requests: list, curve_args
         editor = study.editor(EDITORS[editor_name], accumulate=True, **own)
         fit = dict(batch_size=b, max_epochs=1, rounds=False)
     log.info("%s, batches of %d (%s): %d record(s)", meta["editor"], b, meta["strategy"], len(requests))
-    result = shared.sequential_fit(study, editor, requests, fit["batch_size"], run_dir, curve_args, meta,
-                                   max_epochs=fit["max_epochs"], rounds=fit["rounds"])
+    result = sequential_fit(study, editor, requests, fit["batch_size"], run_dir, curve_args, meta,
+                            max_epochs=fit["max_epochs"], rounds=fit["rounds"])
     started = time.perf_counter()
     after = study.evaluator.evaluate(editor.model, editor.tokenizer, requests, reference=before.reference)
     eval_seconds = time.perf_counter() - started
     editor.restore()
-    shared.check_restored(editor, originals)
+    check_restored(editor, originals)
     row = {**meta, "timing": "after-all", "n_edits": len(requests),
            **{short: _figure(after.figures, name) for short, name in FIGURES.items()},
            "edit_seconds": result["edit_seconds"], "eval_seconds": eval_seconds,
@@ -234,8 +235,8 @@ def summarize(study: Study, runs: list[tuple[str, int]], data: str, unedited: di
                 if r["editor"] == editor:
                     folder = next(e for e, name in NAMES.items() if name == editor)
                     curves += [{**c, "series": f"batch {r['batch_size']}"}
-                               for c in shared.read_csv(study.out / f"{folder}_b{r['batch_size']}" / "retention.csv")]
-            ppl = shared.ppl_column(curves)
+                               for c in read_csv(study.out / f"{folder}_b{r['batch_size']}" / "retention.csv")]
+            ppl = ppl_column(curves)
             metrics = [m for m in ("prob/ES", "prob/PS", "prob/NS", "gen_em/reliability", ppl, "update_norm_total")
                        if m is not None and any(c.get(m) not in (None, "") for c in curves)]
             if metrics:

@@ -40,7 +40,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import Any, Optional
+from typing import Optional
 
 import lightning as L
 import torch
@@ -52,7 +52,7 @@ from lit_edit.evaluation import EvaluationReference, Evaluator
 from lit_edit.evaluation.metrics import harmonic_mean
 from lit_edit.plots import line_plot
 from lit_edit.progress import Progress
-from lit_edit.study import Study
+from lit_edit.study import Study, data_label
 
 log = logging.getLogger("lit_edit.recipes.closed_form_sweep")
 DEFAULTS = __file__.removesuffix(".py") + ".yaml"
@@ -102,13 +102,6 @@ def window_layers(layer: int, window: int, anchor: str, num_layers: int) -> list
 
 def _span(layers: list[int]) -> str:
     return str(layers[0]) if len(layers) == 1 else f"{layers[0]}-{layers[-1]}"
-
-
-def data_label(data: Any, n: int) -> str:
-    """The records a sweep edits, e.g. ``counterfact[1000:1010]`` (``demo`` for the built-in set)."""
-    path = getattr(data, "path", None) or "demo"
-    offset = int(getattr(data, "offset", 0) or 0)
-    return f"{path}[{offset}:{offset + n}]"
 
 
 class ImmediateScores(L.Callback):

@@ -1,5 +1,6 @@
-"""recipes/rome_collapse.py and recipes/batch_size_study.py on a tiny model: tables, curves,
-plots and the names every file carries; a rerun resumes without refitting finished parts."""
+"""recipes/rome_collapse.py and recipes/batch_size_study.py (over lit_edit.long_runs) on a tiny
+model: tables, curves, plots and the names every file carries; a rerun resumes without refitting
+finished parts."""
 
 from __future__ import annotations
 
@@ -7,8 +8,11 @@ import csv
 import json
 import math
 
+import lightning as L
 import pytest
 from helpers import FIXTURE_FILES, load_recipe, save_tiny_model, write_corpus
+
+from lit_edit import long_runs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -46,17 +50,17 @@ def _csv(path):
         return list(csv.DictReader(f))
 
 
-def _count_fits(monkeypatch, recipe) -> list[int]:
+def _count_fits(monkeypatch) -> list[int]:
     fits: list[int] = []
-    original = recipe.L.Trainer.fit
-    monkeypatch.setattr(recipe.L.Trainer, "fit", lambda self, *a, **kw: (fits.append(1), original(self, *a, **kw))[1])
+    original = L.Trainer.fit
+    monkeypatch.setattr(L.Trainer, "fit", lambda self, *a, **kw: (fits.append(1), original(self, *a, **kw))[1])
     return fits
 
 
 def test_rome_collapse_table_plot_and_resume(tmp_path, tiny_dir, monkeypatch, capsys):
     monkeypatch.setenv("LIT_EDIT_HOME", str(tmp_path / "cache"))
     recipe = load_recipe("rome_collapse")
-    fits = _count_fits(monkeypatch, recipe)
+    fits = _count_fits(monkeypatch)
     args = [*_common(tmp_path, tiny_dir, "collapse"), "--data.limit=3", "--curve.every=2", "--model.layers=[1]"]
 
     first = recipe.main([*args, "--variants=[original]"])
@@ -116,19 +120,19 @@ def test_rome_collapse_resumes_an_interrupted_variant(tmp_path, tiny_dir, monkey
     class Stop(Exception):
         pass
 
-    original = recipe.EditLog.on_edits_committed
+    original = long_runs.EditLog.on_edits_committed
 
     def stop_after_first(self, trainer, editor, requests):
         original(self, trainer, editor, requests)
         if len(self.rows) == 2:  # the second edit is logged; its checkpoint is never written
             raise Stop
 
-    monkeypatch.setattr(recipe.EditLog, "on_edits_committed", stop_after_first)
+    monkeypatch.setattr(long_runs.EditLog, "on_edits_committed", stop_after_first)
     with pytest.raises(Stop):
         recipe.main(stopped)
     assert (tmp_path / "cut" / "r-rome" / "ckpt" / "last.ckpt").exists()
     assert not (tmp_path / "cut" / "variants.csv").exists()
-    monkeypatch.setattr(recipe.EditLog, "on_edits_committed", original)
+    monkeypatch.setattr(long_runs.EditLog, "on_edits_committed", original)
     recipe.main(stopped)
     cut = _csv(tmp_path / "cut" / "r-rome" / "retention.csv")
     assert [r["edits_applied"] for r in cut] == [r["edits_applied"] for r in full] == ["0", "1", "2", "3"]
@@ -152,7 +156,7 @@ def test_rome_collapse_refuses_bad_options(tmp_path, tiny_dir, capsys):
 def test_batch_size_study_table_plots_and_resume(tmp_path, tiny_dir, monkeypatch, capsys):
     monkeypatch.setenv("LIT_EDIT_HOME", str(tmp_path / "cache"))
     recipe = load_recipe("batch_size_study")
-    fits = _count_fits(monkeypatch, recipe.shared)
+    fits = _count_fits(monkeypatch)
     args = [*_common(tmp_path, tiny_dir, "batch"), "--data.limit=2", "--curve.every=1", "--model.layers=[1]",
             "--model.statistics.update_weight=1.0", "--eval.max_new_tokens=3", "--eval.ppl_texts=2",
             f"--eval.ppl_corpus={write_corpus(tmp_path)}", "--locft_epochs=2", "--locft_minibatch=1"]
@@ -223,19 +227,18 @@ def test_batch_size_study_emmet_alphaedit_and_bad_options(tmp_path, tiny_dir, mo
 def test_weight_checksum_sees_a_one_bit_change():
     import torch
 
-    recipe = load_recipe("rome_collapse")
     layer = torch.nn.Linear(4, 3)
-    before = recipe.snapshot(layer)
+    before = long_runs.snapshot(layer)
 
     class Holder:
         model = layer
 
-    recipe.check_restored(Holder, before)  # unchanged: passes
+    long_runs.check_restored(Holder, before)  # unchanged: passes
     original = layer.weight[1, 2].clone()
     with torch.no_grad():
         layer.weight[1, 2] = torch.nextafter(original, torch.tensor(10.0))  # the next float: one bit
     with pytest.raises(RuntimeError, match="weight"):
-        recipe.check_restored(Holder, before)
+        long_runs.check_restored(Holder, before)
     with torch.no_grad():
         layer.weight[1, 2] = original
-    recipe.check_restored(Holder, before)
+    long_runs.check_restored(Holder, before)
