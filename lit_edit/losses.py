@@ -31,7 +31,7 @@ from lit_edit.data.request import EditRequest
 from lit_edit.data.tokenize import IGNORE_INDEX, encode_pairs
 from lit_edit.models import logits_at
 
-__all__ = ["BlockInputCache", "PreservationTerm", "ft_loss", "length_groups", "preservation_loss"]
+__all__ = ["BlockInputCache", "PreservationTerm", "ft_loss", "group_overhead", "length_groups", "preservation_loss"]
 
 
 def ft_loss(
