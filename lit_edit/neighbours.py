@@ -10,7 +10,8 @@ penalises how far the edited model's next-token distributions on those prompts m
 unedited model's:
 
     KL(p₀ ‖ p_θ)  at the last prompt position and at the next ``tokens − 1`` positions of the
-    unedited model's own greedy continuation (teacher forced),
+    unedited model's own greedy continuation (teacher forced), and optionally (``on_target``)
+    at every position of the request's new target teacher forced after the neighbour prompt,
 
 averaged over the prompts of a mini-batch's requests. The unedited distributions are computed
 once per request, without gradient, the first time a fit sees it, with the tuned tensors put
@@ -18,7 +19,8 @@ back to their originals for that pass. They are kept compactly: the unedited mod
 most likely tokens and the mass of all others, and the KL is taken between the two
 distributions coarsened to those ``top + 1`` outcomes (a lower bound of the full KL, zero
 exactly when the coarsened distributions agree): ``requests × prompts × tokens × (top + 1)``
-numbers instead of a vocabulary-sized row per position.
+numbers instead of a vocabulary-sized row per position (``on_target`` adds the target's length
+in positions per prompt).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import torch
 from torch import nn
 
 from lit_edit.data.request import EditRequest
-from lit_edit.data.tokenize import encode_prompt, pad_rows
+from lit_edit.data.tokenize import encode_prompt, encode_target, pad_rows
 from lit_edit.models import logits_at
 
 __all__ = [
@@ -157,10 +159,11 @@ class SubjectIndex:
 class NeighbourTargets:
     """The unedited model's behaviour on one request's neighbour prompts.
 
-    ``rows``: token ids per prompt (prompt + greedy continuation but its last token);
-    ``positions``: per prompt, the row positions whose next-token distribution is kept;
-    ``top_ids`` / ``top_logp``: ``(P, T, top)`` ids and log-probabilities of the most likely tokens;
-    ``rest_logp``: ``(P, T)`` log of the remaining mass.
+    ``rows``: token ids per compared sequence (a prompt and its greedy continuation but its last
+    token, or a prompt and the new target but its last token);
+    ``positions``: per row, the positions whose next-token distribution is kept;
+    ``top_ids`` / ``top_logp``: ``(positions, top)`` ids and log-probabilities of the most likely
+    tokens, the rows' positions in order; ``rest_logp``: ``(positions,)`` log of the remaining mass.
     """
 
     rows: list[list[int]]
@@ -192,18 +195,36 @@ def _forward(model: nn.Module, rows: list[list[int]], positions: list[list[int]]
 
 @torch.no_grad()
 def build_targets(
-    model: nn.Module, tokenizer: Any, prompts: list[str], tokens: int, block_inputs: Any = None, top: int = TOP_TOKENS
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: list[str],
+    tokens: int,
+    block_inputs: Any = None,
+    top: int = TOP_TOKENS,
+    target: Optional[Sequence[int]] = None,
 ) -> NeighbourTargets:
-    """:class:`NeighbourTargets` of ``prompts`` under ``model`` as it is now (the unedited model)."""
+    """:class:`NeighbourTargets` of ``prompts`` under ``model`` as it is now (the unedited model).
+
+    Positions kept: the last prompt position and the next ``tokens − 1`` of the greedy
+    continuation; with ``target`` (token ids), also every position predicting one of its tokens,
+    teacher forced after each prompt (the prompt's last position counted once)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    rows = [list(encode_prompt(tokenizer, p)) for p in prompts]
+    prompt_ids = [list(encode_prompt(tokenizer, p)) for p in prompts]
+    rows = [list(r) for r in prompt_ids]
     for _ in range(tokens - 1):  # extend each row by the unedited model's greedy next token
         logp = _forward(model, rows, [[len(r) - 1] for r in rows], pad, block_inputs)
         nxt = logp.argmax(-1).tolist()
         rows = [r + [t] for r, t in zip(rows, nxt)]
-    first = [len(r) - tokens for r in rows]
-    positions = [list(range(f, f + tokens)) for f in first]
-    logp = _forward(model, rows, positions, pad, block_inputs).view(len(rows), tokens, -1)
+    skip = 1 if target else 0  # the target rows hold the prompt's last position
+    positions = [list(range(len(r) - tokens + skip, len(r))) for r in rows]
+    keep = [i for i, pos in enumerate(positions) if pos]
+    rows, positions = [rows[i] for i in keep], [positions[i] for i in keep]
+    if target:
+        target = list(target)
+        for ids in prompt_ids:
+            rows.append(ids + target[:-1])
+            positions.append(list(range(len(ids) - 1, len(ids) - 1 + len(target))))
+    logp = _forward(model, rows, positions, pad, block_inputs)  # (sum of positions, V)
     k = min(top, logp.shape[-1] - 1)
     top_logp, top_ids = logp.topk(k, dim=-1)
     rest = _log1mexp(top_logp.logsumexp(-1))
@@ -234,19 +255,29 @@ class RelationNeighbours:
         tokens: positions per prompt (1 = the next token after the prompt only).
         seed: seed of the subject draws.
         top: unedited tokens kept exactly per position (``None`` = :data:`TOP_TOKENS`).
+        on_target: also compare along each request's new target, teacher forced after every
+            neighbour prompt: the edit must not make its new answer likelier for other subjects.
         choice: ``random`` (seeded draws) or ``similar`` (the subjects nearest the request's
             under the model's input embeddings, :class:`SubjectIndex`: the subjects an edit is
             most likely to spill onto).
     """
 
     def __init__(
-        self, subjects: Sequence[str], prompts: int, tokens: int, seed: int = 0, top: Optional[int] = None, choice: str = "random"
+        self,
+        subjects: Sequence[str],
+        prompts: int,
+        tokens: int,
+        seed: int = 0,
+        top: Optional[int] = None,
+        choice: str = "random",
+        on_target: bool = False,
     ):
         if choice not in CHOICES:
             raise ValueError(f"neighbour_choice must be one of {list(CHOICES)}, got {choice!r}")
         self.subjects, self.prompts, self.tokens, self.seed = list(subjects), int(prompts), int(tokens), int(seed)
         self.top = int(top if top is not None else TOP_TOKENS)
         self.choice = choice
+        self.on_target = bool(on_target)
         self._index: Optional[SubjectIndex] = None
         self._targets: dict[tuple, Optional[NeighbourTargets]] = {}
 
@@ -272,8 +303,9 @@ class RelationNeighbours:
                     self._index = SubjectIndex(model, tokenizer, self.subjects)
                 order = self._index.nearest(r.subject, 4 * self.prompts + 16)
             prompts = relation_prompts(r, self.subjects, self.prompts, self.seed, order)
+            target = encode_target(tokenizer, r.target_new) if self.on_target else None
             self._targets[_request_key(r)] = (
-                build_targets(model, tokenizer, prompts, self.tokens, block_inputs, self.top) if prompts else None
+                build_targets(model, tokenizer, prompts, self.tokens, block_inputs, self.top, target) if prompts else None
             )
 
     def loss(self, model: nn.Module, tokenizer: Any, requests: Sequence[EditRequest], block_inputs: Any = None) -> Optional[torch.Tensor]:

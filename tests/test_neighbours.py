@@ -88,7 +88,10 @@ def next_token_logp(model, tok, prompt):
 
 def test_neighbour_kl_is_zero_unedited_and_a_lower_bound_of_the_full_kl(tiny_llama, tokenizer):
     prompts = ["The Nile is located in the city of", "Mozart was founded by"]
-    assert build_targets(tiny_llama, tokenizer, prompts, tokens=3).top_ids.shape[:2] == (2, 3)
+    assert build_targets(tiny_llama, tokenizer, prompts, tokens=3).top_ids.shape[0] == 2 * 3
+    target = tokenizer(" Rome city", add_special_tokens=False)["input_ids"]
+    both = build_targets(tiny_llama, tokenizer, prompts, tokens=3, target=target)
+    assert both.top_ids.shape[0] == 2 * 2 + 2 * len(target)  # the prompts' last position once
     targets = build_targets(tiny_llama, tokenizer, prompts, tokens=1)
     assert float(neighbour_kl(tiny_llama, tokenizer, [targets]).detach()) == pytest.approx(0.0, abs=1e-5)
     before = [next_token_logp(tiny_llama, tokenizer, p) for p in prompts]
@@ -149,6 +152,7 @@ def test_neighbour_targets_come_from_the_unedited_weights(tiny_llama, tokenizer,
         ({"neighbour_subjects": "wiki:test"}, ValueError, "neighbour_subjects"),
         ({"neighbour_subjects": "/no/such/subjects.txt"}, ValueError, "neighbour_subjects"),
         ({"neighbour_choice": "nearest"}, ValueError, "neighbour_choice must be one of"),
+        ({"neighbour_target": "yes"}, TypeError, "neighbour_target"),
         ({"extend_epochs": -1}, ValueError, "extend_epochs must be >= 0"),
         ({"extend_min_drop": 1.5}, ValueError, "extend_min_drop"),
         ({"extend_min_drop": -0.1}, ValueError, "extend_min_drop must be >= 0"),
@@ -183,3 +187,21 @@ def test_extension_stops_at_min_loss_and_applies_per_round(tokenizer, requests):
     ed = editor(make_tiny_llama(len(tokenizer)), tokenizer, lr=3e-3, round_size=2, extend_epochs=3, extend_min_drop=0.0)
     fit(ed, requests, epochs=2)
     assert [h["epochs"] for h in ed.round_history] == [5, 5]
+
+
+def test_neighbour_target_keeps_the_distributions_along_the_new_answer(tokenizer, requests, subjects_file, monkeypatch):
+    monkeypatch.setattr("lit_edit.neighbours.TOP_TOKENS", len(tokenizer) - 1)
+    drift = {}
+    for on_target in (False, True):
+        model = make_tiny_llama(len(tokenizer))
+        along = [  # the full KL at every position of each request's new target after its neighbour prompts
+            build_targets(model, tokenizer, relation_prompts(r, OTHERS, 4, seed=0), tokens=1, top=len(tokenizer) - 1,
+                          target=tokenizer(" " + r.target_new, add_special_tokens=False)["input_ids"])
+            for r in requests
+        ]
+        ed = editor(model, tokenizer, neighbour_kl=300.0, neighbour_subjects=subjects_file, neighbour_target=on_target)
+        loss0 = ed.edit_loss(requests).detach()
+        fit(ed, requests, epochs=10)
+        assert (ed.edit_loss(requests).detach() < loss0 - 0.2).all()  # the edits are still learned
+        drift[on_target] = float(neighbour_kl(model, tokenizer, along).detach())
+    assert drift[True] < 0.7 * drift[False], drift

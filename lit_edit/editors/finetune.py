@@ -122,6 +122,7 @@ def _check_options(**o: Any) -> None:
     check_int("neighbour_prompts", o["neighbour_prompts"], minimum=1)
     check_int("neighbour_tokens", o["neighbour_tokens"], minimum=1)
     check_subjects_source(o["neighbour_subjects"])
+    check_bool("neighbour_target", o["neighbour_target"])
     if o["neighbour_choice"] not in CHOICES:
         raise ValueError(f"neighbour_choice must be one of {list(CHOICES)}, got {o['neighbour_choice']!r}")
     check_bool("cache_block_inputs", o["cache_block_inputs"])
@@ -168,6 +169,8 @@ class FineTuneEditor(Editor):
             prompt, then the unedited model's own greedy continuation (teacher forced).
         neighbour_subjects: where the other subjects come from: ``wiki:train`` (offline
             Wikipedia article titles of the statistics split) or a ``.txt`` file, one per line.
+        neighbour_target: also compare along the request's new target, teacher forced after each
+            neighbour prompt: the edit must not make its new answer likelier for other subjects.
         neighbour_choice: ``random`` (seeded draws per request) or ``similar`` (the subjects
             nearest the request's by the model's input embeddings: those an edit is most likely
             to spill onto).
@@ -218,6 +221,7 @@ class FineTuneEditor(Editor):
         neighbour_prompts: int = 4,
         neighbour_tokens: int = 1,
         neighbour_subjects: str = "wiki:train",
+        neighbour_target: bool = False,
         neighbour_choice: Literal["random", "similar"] = "random",
         max_update_ratio: Optional[float] = DEFAULT_MAX_UPDATE_RATIO,
         on_bad_update: Literal["refuse", "warn"] = "refuse",
@@ -230,7 +234,7 @@ class FineTuneEditor(Editor):
             min_loss=min_loss, adam_eps=adam_eps, linf_eps=linf_eps, lora_rank=lora_rank, lora_alpha=lora_alpha,
             preservation=preservation, preservation_texts=preservation_texts, preservation_corpus=preservation_corpus,
             neighbour_kl=neighbour_kl, neighbour_prompts=neighbour_prompts, neighbour_tokens=neighbour_tokens,
-            neighbour_subjects=neighbour_subjects, neighbour_choice=neighbour_choice,
+            neighbour_subjects=neighbour_subjects, neighbour_target=neighbour_target, neighbour_choice=neighbour_choice,
             cache_block_inputs=cache_block_inputs, group_by_length=group_by_length,
         )  # before the model is loaded
         guard = UpdateGuard(max_update_ratio, on_bad_update)
@@ -519,7 +523,7 @@ class FineTuneEditor(Editor):
         choice = self.hparams.get("neighbour_choice", "random")
         self.neighbours = RelationNeighbours(
             load_subjects(self.hparams["neighbour_subjects"]), self.hparams["neighbour_prompts"], self.hparams["neighbour_tokens"],
-            choice=choice,
+            choice=choice, on_target=bool(self.hparams.get("neighbour_target", False)),
         )
         log.info("relation-neighbour term: %d prompts per request, %d token(s) each, %s subjects from %s (%d)",
                  self.neighbours.prompts, self.neighbours.tokens, choice, self.hparams["neighbour_subjects"],
