@@ -282,9 +282,9 @@ def test_bad_options_and_foreign_files_are_refused(tokenizer, tmp_path):
 
 
 def test_depth_first_resume_counts_the_batch_its_checkpoint_was_saved_in(tokenizer, tmp_path):
-    """DepthFirstFT announces a batch after ModelCheckpoint has saved it; a fit that stops after
-    that save and resumes from it counts the batch from the editor's checkpointed record of
-    applied requests: the resumed curve's rows equal an uninterrupted run's."""
+    """DepthFirstFT announces a batch at the end of its training step, before ModelCheckpoint
+    saves at the end of the batch: a fit that stops after that save holds the batch in both the
+    editor's record and the curve, and the resumed curve's rows equal an uninterrupted run's."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from lit_edit.editors import DepthFirstFT
@@ -316,7 +316,7 @@ def test_depth_first_resume_counts_the_batch_its_checkpoint_was_saved_in(tokeniz
     run(stop=True, directory=tmp_path / "ck")
     state = torch.load(tmp_path / "ck" / "last.ckpt", weights_only=False)
     kept = next(v for k, v in state["callbacks"].items() if k.startswith("RetentionCurve"))
-    assert len(state["lit_edit_done"]) == 3 and len(kept["applied"]) == 2  # saved before the 3rd batch was announced
+    assert len(state["lit_edit_done"]) == 3 and len(kept["applied"]) == 3  # the 3rd batch announced before the save
     with pytest.raises(ValueError, match="holds no retention curve for this callback"):  # another path: another curve
         run(ckpt=str(tmp_path / "ck" / "last.ckpt"), name="other.csv")
     resumed = run(ckpt=str(tmp_path / "ck" / "last.ckpt"))
@@ -324,6 +324,33 @@ def test_depth_first_resume_counts_the_batch_its_checkpoint_was_saved_in(tokeniz
     strip = ("seconds",)
     assert [{k: v for k, v in r.items() if k not in strip} for r in resumed.rows] == [
         {k: v for k, v in r.items() if k not in strip} for r in full]
+
+
+def test_depth_first_without_accumulate_checkpoints_the_restored_weights(tokenizer, tmp_path):
+    """single / batched DepthFirstFT undoes each batch's edit at the end of the batch, after a
+    ModelCheckpoint saved there: the checkpoint holds the weights as they are after the batch
+    (the originals), not the edit about to be undone."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lit_edit.editors import DepthFirstFT
+
+    L.seed_everything(0)
+    editor = DepthFirstFT(model=make_tiny_llama(len(tokenizer)), tokenizer=tokenizer, target_modules=["mlp.down_proj"],
+                          layers_to_transform=[1], lr=1e-2, steps=3, accumulate=False)
+    name = "model.layers.1.mlp.down_proj.weight"  # in editor.model; "model." + name in the checkpoint
+    original = dict(editor.model.named_parameters())[name].detach().clone()
+    seen = []
+
+    class Watch(L.Callback):  # the tensor is edited when the checkpoint is taken
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            seen.append(not torch.equal(dict(module.model.named_parameters())[name], original))
+
+    check = ModelCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=1, save_last=True, save_top_k=0)
+    trainer = _trainer([Watch(), check], enable_checkpointing=True)
+    trainer.fit(editor, datamodule=EditDataModule(requests=_requests(2), batch_size=1, shuffle=False))
+    assert seen == [True, True]
+    state = torch.load(tmp_path / "ck" / "last.ckpt", weights_only=False)["state_dict"]
+    assert torch.equal(state[f"model.{name}"], original)
 
 
 def test_resumed_closed_form_fit_computes_statistics_and_templates_on_the_base_model(tokenizer, cache):

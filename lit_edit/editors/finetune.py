@@ -1048,19 +1048,29 @@ class DepthFirstFT(FineTuneEditor):
              "train/update_ratio": ratio},
             prog_bar=True, on_step=True, on_epoch=False, batch_size=len(todo),
         )
+        if self.hparams["accumulate"]:
+            # the batch is part of the model for good: announced here, before a ModelCheckpoint
+            # saves at the end of this batch (callbacks' batch-end hooks run before the module's),
+            # so the checkpoint already holds what the callbacks did with it
+            self.commit_edits(todo)
         return None
 
     @override
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if not self.hparams["accumulate"]:
             self.restore(forget=False)
-        else:
-            self.commit_edits(batch)
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint["lit_edit_done"] = sorted(self._done, key=repr)
+        if not self.hparams["accumulate"]:
+            # single / batched: each batch's edit is undone at the end of the batch, after a
+            # ModelCheckpoint saved there; the checkpoint holds the weights as they are after it
+            state = checkpoint["state_dict"]
+            for name, value in self._originals.items():
+                if f"model.{name}" in state:
+                    state[f"model.{name}"] = value.clone().to(state[f"model.{name}"].dtype)
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

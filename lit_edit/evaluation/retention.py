@@ -359,7 +359,8 @@ class RetentionCurve(L.Callback):
     @override
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         # The batch being edited, kept in checkpoints: a checkpoint saved at the end of a batch by
-        # ModelCheckpoint may come before the editor announces that batch (see on_train_start).
+        # ModelCheckpoint comes before an editor that announces the batch in its own batch-end
+        # hook does so (the built-in editors announce at the end of training_step; see _reconcile).
         self._pending = list(batch) if isinstance(batch, list) and all(isinstance(r, EditRequest) for r in batch) else []
 
     def _reconcile(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
