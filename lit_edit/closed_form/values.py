@@ -291,11 +291,10 @@ class _Runner:
         if len(names) != 1 or None in names:
             return False
         name = names.pop()
-        for _, kw in captured:
-            if any(k not in _SLICED_KWARGS and k != name and v is not None for k, v in kw.items()):
-                return False
-            if any(r.keys is None or r.keys.shape[2] != skip for r in recorders):
-                return False
+        if any(k not in _SLICED_KWARGS and k != name and v is not None for _, kw in captured for k, v in kw.items()):
+            return False
+        if any(r.keys is None or r.keys.shape[2] != skip for r in recorders):
+            return False
         dtype = self._h_in.dtype
         suffix_mask = _suffix_mask(mask, skip, dtype)
         sliced = []

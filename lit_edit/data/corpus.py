@@ -21,7 +21,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -72,6 +72,18 @@ def _check_split(split: str) -> str:
     return split
 
 
+def _split_entries(split: str) -> Iterator[tuple[str, Any]]:
+    """``(key, entry)`` of the offline Wikipedia corpus in one split, in sorted-key order:
+    ``heldout`` is every ``HELDOUT_EVERY``-th key, ``train`` the others."""
+    _check_split(split)
+    with open(wiki_corpus_path(), encoding="utf-8") as f:
+        entries = json.load(f)
+    want_heldout = split == "heldout"
+    for index, key in enumerate(sorted(entries)):
+        if (index % HELDOUT_EVERY == 0) == want_heldout:
+            yield key, entries[key]
+
+
 def wiki_texts(split: str = "heldout", limit: Optional[int] = None) -> list[str]:
     """Lead extracts of the offline Wikipedia corpus, in sorted-key order.
 
@@ -80,15 +92,8 @@ def wiki_texts(split: str = "heldout", limit: Optional[int] = None) -> list[str]
             other 9,029). The two never overlap and the split never changes between runs.
         limit: return at most this many texts (the first ones of the split).
     """
-    _check_split(split)
-    with open(wiki_corpus_path(), encoding="utf-8") as f:
-        entries = json.load(f)
-    want_heldout = split == "heldout"
     out: list[str] = []
-    for index, key in enumerate(sorted(entries)):
-        if (index % HELDOUT_EVERY == 0) != want_heldout:
-            continue
-        entry = entries[key]
+    for _, entry in _split_entries(split):
         text = entry.get("extract") if isinstance(entry, Mapping) else None
         if not isinstance(text, str) or not text.strip():
             continue
@@ -101,15 +106,8 @@ def wiki_texts(split: str = "heldout", limit: Optional[int] = None) -> list[str]
 def wiki_titles(split: str = "train") -> list[str]:
     """Article titles of the offline Wikipedia corpus in one split (same split rule as
     :func:`wiki_texts`), in sorted-key order: generic subjects (people, places, works, ideas)."""
-    _check_split(split)
-    with open(wiki_corpus_path(), encoding="utf-8") as f:
-        entries = json.load(f)
-    want_heldout = split == "heldout"
     out: list[str] = []
-    for index, key in enumerate(sorted(entries)):
-        if (index % HELDOUT_EVERY == 0) != want_heldout:
-            continue
-        entry = entries[key]
+    for key, entry in _split_entries(split):
         title = entry.get("title") if isinstance(entry, Mapping) else None
         title = title if isinstance(title, str) and title.strip() else key
         if isinstance(title, str) and title.strip():
