@@ -42,6 +42,7 @@ from lit_edit.models import logits_at
 
 __all__ = [
     "CHOICES",
+    "NeighbourKeys",
     "NeighbourTargets",
     "RelationNeighbours",
     "SubjectIndex",
@@ -294,15 +295,19 @@ class RelationNeighbours:
                 out.append(r)
         return out
 
+    def prompts_for(self, model: nn.Module, tokenizer: Any, request: EditRequest) -> list[str]:
+        """``request``'s neighbour prompts under this object's subjects, count, seed and choice."""
+        order = None
+        if self.choice == "similar" and request.subject:
+            if self._index is None:
+                self._index = SubjectIndex(model, tokenizer, self.subjects)
+            order = self._index.nearest(request.subject, 4 * self.prompts + 16)
+        return relation_prompts(request, self.subjects, self.prompts, self.seed, order)
+
     def fill(self, model: nn.Module, tokenizer: Any, requests: Sequence[EditRequest], block_inputs: Any = None) -> None:
         """Compute the targets of ``requests`` under ``model`` as it is now (call with the unedited weights)."""
         for r in requests:
-            order = None
-            if self.choice == "similar" and r.subject:
-                if self._index is None:
-                    self._index = SubjectIndex(model, tokenizer, self.subjects)
-                order = self._index.nearest(r.subject, 4 * self.prompts + 16)
-            prompts = relation_prompts(r, self.subjects, self.prompts, self.seed, order)
+            prompts = self.prompts_for(model, tokenizer, r)
             target = encode_target(tokenizer, r.target_new) if self.on_target else None
             self._targets[_request_key(r)] = (
                 build_targets(model, tokenizer, prompts, self.tokens, block_inputs, self.top, target) if prompts else None
@@ -315,3 +320,94 @@ class RelationNeighbours:
         if not targets:
             return None
         return neighbour_kl(model, tokenizer, targets, block_inputs)
+
+
+class NeighbourKeys:
+    """Key-level relation-neighbour preservation, filled lazily during a fit.
+
+    For every tuned linear weight ``W`` (original ``W₀``) it keeps the second moment
+    ``C = E[k kᵀ]`` of that module's inputs over every position of the requests' neighbour
+    prompts (each prompt followed by the request's new target but its last token, teacher
+    forced: the positions the edit loss reads), computed under the unedited model, and
+    penalises the relative change of the module's outputs there:
+
+        tr(ΔW C ΔWᵀ) / tr(W₀ C W₀ᵀ),   summed over the tuned weights.
+
+    When only that module (and modules above it) are tuned, its inputs on a neighbour prompt do
+    not change during the fit, so the term is the exact squared change of what the rest of the
+    model receives from it on those prompts, at the cost of one small matrix product per step;
+    no forward pass of the neighbours is needed after their keys are read. Prompts come from
+    ``neighbours`` (:meth:`RelationNeighbours.prompts_for`: subjects, count, seed, choice).
+    """
+
+    def __init__(self, neighbours: RelationNeighbours):
+        self.neighbours = neighbours
+        self._seen: set[tuple] = set()
+        self._sums: dict[str, torch.Tensor] = {}
+        self._count = 0
+
+    def __len__(self) -> int:
+        """Key positions read so far."""
+        return self._count
+
+    def missing(self, requests: Sequence[EditRequest]) -> list[EditRequest]:
+        seen, out = set(), []
+        for r in requests:
+            key = _request_key(r)
+            if key not in self._seen and key not in seen:
+                seen.add(key)
+                out.append(r)
+        return out
+
+    @torch.no_grad()
+    def fill(self, model: nn.Module, tokenizer: Any, requests: Sequence[EditRequest], modules: dict[str, nn.Module]) -> None:
+        """Read the keys of ``requests``' neighbour prompts at ``modules`` (name -> linear module)
+        under ``model`` as it is now (call with the unedited weights)."""
+        rows: list[list[int]] = []
+        for r in requests:
+            self._seen.add(_request_key(r))
+            target = encode_target(tokenizer, r.target_new)
+            for prompt in self.neighbours.prompts_for(model, tokenizer, r):
+                rows.append((encode_prompt(tokenizer, prompt) + target)[:-1])
+        if not rows:
+            return
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        device = next(model.parameters()).device
+        got: dict[str, torch.Tensor] = {}
+
+        def reader(name: str):
+            def hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
+                got[name] = args[0] if args else next(iter(kwargs.values()))
+            return hook
+
+        handles = [m.register_forward_pre_hook(reader(n), with_kwargs=True) for n, m in modules.items()]
+        try:
+            for start in range(0, len(rows), 64):
+                ids, mask = pad_rows(rows[start : start + 64], pad)
+                got.clear()
+                model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+                keep = mask.to(device).bool()
+                for name, x in got.items():
+                    k = x[keep].double()
+                    s = k.T @ k
+                    self._sums[name] = s if name not in self._sums else self._sums[name] + s
+                self._count += int(keep.sum())
+        finally:
+            for h in handles:
+                h.remove()
+
+    def loss(self, weights: dict[str, torch.Tensor], originals: dict[str, torch.Tensor]) -> Optional[torch.Tensor]:
+        """The summed relative change on the neighbour keys read so far (``None`` before any);
+        ``weights`` and ``originals`` as ``(out, in)``."""
+        if not self._count:
+            return None
+        total = None
+        for name, w in weights.items():
+            if name not in self._sums:
+                continue
+            c = (self._sums[name] / self._count).to(device=w.device, dtype=torch.float32)
+            w0 = originals[name].to(device=w.device, dtype=torch.float32)
+            delta = w.float() - w0
+            value = ((delta @ c) * delta).sum() / ((w0 @ c) * w0).sum().clamp_min(1e-30)
+            total = value if total is None else total + value
+        return total

@@ -9,7 +9,7 @@ from helpers import make_tiny_llama
 
 from lit_edit.data import EditDataModule, EditRequest
 from lit_edit.editors import LocFTBF
-from lit_edit.neighbours import RelationNeighbours, SubjectIndex, build_targets, neighbour_kl, relation_prompts
+from lit_edit.neighbours import NeighbourKeys, RelationNeighbours, SubjectIndex, build_targets, neighbour_kl, relation_prompts
 
 DOWN1 = "model.layers.1.mlp.down_proj.weight"
 OTHERS = ["Marie Curie", "Mount Fuji", "The Beatles", "Lake Victoria", "Albert Einstein", "Berlin Wall", "Nile", "Mozart"]
@@ -147,6 +147,8 @@ def test_neighbour_targets_come_from_the_unedited_weights(tiny_llama, tokenizer,
     [
         ({"neighbour_kl": -1.0}, ValueError, "neighbour_kl must be >= 0"),
         ({"neighbour_kl": 1.0, "lora_rank": 4}, ValueError, "neighbour_kl .* lora_rank"),
+        ({"neighbour_keys": -1.0}, ValueError, "neighbour_keys must be >= 0"),
+        ({"neighbour_keys": 1.0, "lora_rank": 4}, ValueError, "neighbour_keys .* lora_rank"),
         ({"neighbour_prompts": 0}, ValueError, "neighbour_prompts must be >= 1"),
         ({"neighbour_tokens": 0}, ValueError, "neighbour_tokens must be >= 1"),
         ({"neighbour_subjects": "wiki:test"}, ValueError, "neighbour_subjects"),
@@ -205,3 +207,98 @@ def test_neighbour_target_keeps_the_distributions_along_the_new_answer(tokenizer
         assert (ed.edit_loss(requests).detach() < loss0 - 0.2).all()  # the edits are still learned
         drift[on_target] = float(neighbour_kl(model, tokenizer, along).detach())
     assert drift[True] < 0.7 * drift[False], drift
+
+
+# --------------------------------------------------------------------------- key-level neighbour term
+
+
+def neighbour_rows(tok, requests, prompts_per_request=4):
+    """Each request's neighbour prompts followed by its new target but the last token."""
+    from lit_edit.data.tokenize import encode_prompt, encode_target
+
+    return [
+        (encode_prompt(tok, p) + encode_target(tok, r.target_new))[:-1]
+        for r in requests
+        for p in relation_prompts(r, OTHERS, prompts_per_request, seed=0)
+    ]
+
+
+def module_outputs(model, tok, rows, module):
+    """The outputs of ``module`` at every real position of ``rows`` (right padded)."""
+    from lit_edit.data.tokenize import pad_rows
+
+    got = []
+    handle = module.register_forward_hook(lambda m, a, out: got.append(out.detach()))
+    try:
+        ids, mask = pad_rows(rows, tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask)
+    finally:
+        handle.remove()
+    return got[0][mask.bool()]
+
+
+def test_neighbour_keys_term_is_the_relative_change_of_the_module_outputs(tiny_llama, tokenizer, requests, subjects_file):
+    """The penalty equals ‖ΔW K‖² / ‖W₀ K‖² over every position of the neighbour rows, measured by
+    running those rows through the edited and the unedited model (only that module tuned)."""
+    ed = editor(tiny_llama, tokenizer, neighbour_keys=1.0, neighbour_subjects=subjects_file)
+    module = tiny_llama.model.layers[1].mlp.down_proj
+    rows = neighbour_rows(tokenizer, requests)
+    before = module_outputs(tiny_llama, tokenizer, rows, module)
+    fit(ed, requests, epochs=3)  # fills the keys of every request's neighbours, then edits the weight
+    assert len(ed.neighbour_keys) == sum(len(r) for r in rows)
+    after = module_outputs(tiny_llama, tokenizer, rows, module)
+    assert not torch.allclose(before, after)
+    expected = ((after - before) ** 2).sum() / (before**2).sum()
+    w = dict(tiny_llama.named_parameters())[DOWN1]
+    got = ed.neighbour_keys.loss({DOWN1: w}, {DOWN1: ed._originals[DOWN1]})
+    assert torch.allclose(got, expected, rtol=1e-4), (float(got), float(expected))
+
+
+def test_neighbour_keys_keep_other_subjects_while_editing(tokenizer, requests, subjects_file):
+    rows = neighbour_rows(tokenizer, requests)
+    change = {}
+    for weight in (0.0, 1.0):
+        model = make_tiny_llama(len(tokenizer))
+        module = model.model.layers[1].mlp.down_proj
+        before = module_outputs(model, tokenizer, rows, module)
+        ed = editor(model, tokenizer, neighbour_keys=weight, neighbour_subjects=subjects_file)
+        loss0 = ed.edit_loss(requests).detach()
+        fit(ed, requests, epochs=10)
+        loss1 = ed.edit_loss(requests).detach()
+        assert (loss1 < loss0 - 0.2).all(), (weight, loss0, loss1)  # the edits are still learned
+        assert (ed.neighbour_keys is None) == (weight == 0.0)
+        after = module_outputs(model, tokenizer, rows, module)
+        change[weight] = float(((after - before) ** 2).sum() / (before**2).sum())
+    assert change[1.0] < 0.2 * change[0.0], change
+
+
+def test_neighbour_keys_are_read_from_the_unedited_weights(tiny_llama, tokenizer, requests, subjects_file):
+    """Keys read mid-fit (a request first seen after some steps, with a lower tuned block) are the
+    unedited model's, and the current weights are back afterwards."""
+    ed = editor(tiny_llama, tokenizer, neighbour_keys=1.0, neighbour_subjects=subjects_file,
+                target_modules=["mlp.down_proj"], layers_to_transform=[0, 1])
+    fit(ed, requests[:2], epochs=3)  # block 0 changes: block 1's inputs would differ under the edited weights
+    late = requests[2]
+    now = {n: p.detach().clone() for n, p in tiny_llama.named_parameters()}
+    ed.prepare_neighbours()
+    ed._fill_neighbour_keys([late])
+    assert all(torch.equal(p, now[n]) for n, p in tiny_llama.named_parameters())
+    fresh = make_tiny_llama(len(tokenizer))
+    rows = neighbour_rows(tokenizer, [late])
+    expected = NeighbourKeys(RelationNeighbours(OTHERS, 4, 1))
+    expected.fill(fresh, tokenizer, [late], {DOWN1: fresh.model.layers[1].mlp.down_proj})
+    assert len(ed.neighbour_keys) == len(expected) == sum(len(r) for r in rows)
+    assert torch.allclose(ed.neighbour_keys._sums[DOWN1], expected._sums[DOWN1], rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("term", ["neighbour_kl", "neighbour_keys"])
+def test_neighbour_terms_fit_with_tuned_blocks_that_feed_each_other(tokenizer, requests, subjects_file, term):
+    """With blocks 0 and 1 tuned, block 1's weight is saved for the backward pass: reading a new
+    request's neighbours (original weights put back for a moment) must not happen while the
+    step's graph holds the current ones."""
+    model = make_tiny_llama(len(tokenizer))
+    ed = editor(model, tokenizer, layers_to_transform=[0, 1], neighbour_subjects=subjects_file, **{term: 0.1})
+    loss0 = ed.edit_loss(requests).detach()
+    fit(ed, requests, epochs=4, batch_size=1)  # every request is new at some step
+    assert (ed.edit_loss(requests).detach() < loss0).all()

@@ -73,7 +73,8 @@ from lit_edit.editors.base import Editor
 from lit_edit.guards import DEFAULT_MAX_UPDATE_RATIO, UpdateGuard
 from lit_edit.losses import BlockInputCache, PreservationTerm, ft_loss, preservation_loss
 from lit_edit.masks import ElementMaskHook, check_layers, resolve_mask
-from lit_edit.neighbours import CHOICES, RelationNeighbours, check_subjects_source
+from lit_edit.models import eval_mode
+from lit_edit.neighbours import CHOICES, NeighbourKeys, RelationNeighbours, check_subjects_source
 from lit_edit.options import check_bool, check_int, check_real, check_str
 
 log = logging.getLogger(__name__)
@@ -119,6 +120,9 @@ def _check_options(**o: Any) -> None:
     if o["neighbour_kl"] > 0 and o["lora_rank"] is not None:
         raise ValueError("neighbour_kl computes the unedited model's outputs with the tuned tensors put back; it cannot be "
                          "combined with lora_rank")
+    check_real("neighbour_keys", o["neighbour_keys"], minimum=0)
+    if o["neighbour_keys"] > 0 and o["lora_rank"] is not None:
+        raise ValueError("neighbour_keys penalises the change of tuned weights; it cannot be combined with lora_rank")
     check_int("neighbour_prompts", o["neighbour_prompts"], minimum=1)
     check_int("neighbour_tokens", o["neighbour_tokens"], minimum=1)
     check_subjects_source(o["neighbour_subjects"])
@@ -164,6 +168,12 @@ class FineTuneEditor(Editor):
             and the KL divergence of the edited model's next-token distributions there from the
             unedited model's, added to the loss; 0 = off. Requests without a subject in their
             prompt get no neighbours. Not combined with ``lora_rank``.
+        neighbour_keys: weight of the key-level relation-neighbour term
+            (:class:`~lit_edit.neighbours.NeighbourKeys`): the relative squared change of each
+            tuned linear module's outputs on its inputs over the neighbour prompts (the same
+            prompts as ``neighbour_kl``, followed by the new target), added to the loss; 0 = off.
+            One small matrix product per step, no extra forward pass. Needs the weights of
+            linear modules inside blocks; not combined with ``lora_rank``.
         neighbour_prompts: other subjects per request.
         neighbour_tokens: positions compared per neighbour prompt: the next token after the
             prompt, then the unedited model's own greedy continuation (teacher forced).
@@ -218,6 +228,7 @@ class FineTuneEditor(Editor):
         preservation_texts: int = 1000,
         preservation_corpus: str = "wiki:train",
         neighbour_kl: float = 0.0,
+        neighbour_keys: float = 0.0,
         neighbour_prompts: int = 4,
         neighbour_tokens: int = 1,
         neighbour_subjects: str = "wiki:train",
@@ -233,7 +244,7 @@ class FineTuneEditor(Editor):
             target_modules=target_modules, layers_to_transform=layers_to_transform, lr=lr, loss=loss, append_eos=append_eos,
             min_loss=min_loss, adam_eps=adam_eps, linf_eps=linf_eps, lora_rank=lora_rank, lora_alpha=lora_alpha,
             preservation=preservation, preservation_texts=preservation_texts, preservation_corpus=preservation_corpus,
-            neighbour_kl=neighbour_kl, neighbour_prompts=neighbour_prompts, neighbour_tokens=neighbour_tokens,
+            neighbour_kl=neighbour_kl, neighbour_keys=neighbour_keys, neighbour_prompts=neighbour_prompts, neighbour_tokens=neighbour_tokens,
             neighbour_subjects=neighbour_subjects, neighbour_target=neighbour_target, neighbour_choice=neighbour_choice,
             cache_block_inputs=cache_block_inputs, group_by_length=group_by_length,
         )  # before the model is loaded
@@ -259,6 +270,8 @@ class FineTuneEditor(Editor):
         self.block_inputs: Optional[BlockInputCache] = None
         #: Relation-neighbour prompts and their unedited targets (``None`` when ``neighbour_kl`` is 0).
         self.neighbours: Optional[RelationNeighbours] = None
+        #: Second moments of the tuned modules' inputs on the neighbour prompts (``None`` when ``neighbour_keys`` is 0).
+        self.neighbour_keys: Optional[NeighbourKeys] = None
 
     # ------------------------------------------------------------------ configuration
 
@@ -498,6 +511,16 @@ class FineTuneEditor(Editor):
     def training_loss(self, requests: list[EditRequest]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(edit loss, loss to optimise)``: the batch-mean edit loss, plus the preservation and
         relation-neighbour terms."""
+        # the neighbours' unedited targets and keys are read with the original weights put back
+        # for a moment: before the edit loss's graph holds the current ones
+        if self.neighbours is not None:
+            missing = self.neighbours.missing(requests)
+            if missing:
+                self._fill_neighbours(missing)
+        if self.neighbour_keys is not None:
+            missing = self.neighbour_keys.missing(requests)
+            if missing:
+                self._fill_neighbour_keys(missing)
         edit = self.edit_loss(requests).mean()
         total = edit
         if self._preserve:
@@ -509,25 +532,40 @@ class FineTuneEditor(Editor):
             if kl is not None:
                 self.log("train/neighbour_kl", kl.detach(), on_step=True, on_epoch=False, batch_size=len(requests))
                 total = total + float(self.hparams["neighbour_kl"]) * kl
+        if self.neighbour_keys is not None:
+            change = self.neighbour_key_loss(requests)
+            if change is not None:
+                self.log("train/neighbour_keys", change.detach(), on_step=True, on_epoch=False, batch_size=len(requests))
+                total = total + float(self.hparams["neighbour_keys"]) * change
         return edit, total
 
     # ------------------------------------------------------------------ relation neighbours
 
     def prepare_neighbours(self) -> None:
-        """Load the candidate subjects when ``neighbour_kl`` > 0 (the targets are filled lazily)."""
-        self.neighbours = None
-        if not self.hparams.get("neighbour_kl"):
+        """Load the candidate subjects when ``neighbour_kl`` or ``neighbour_keys`` > 0 (the
+        targets and keys are filled lazily)."""
+        self.neighbours, self.neighbour_keys = None, None
+        use_kl, use_keys = bool(self.hparams.get("neighbour_kl")), bool(self.hparams.get("neighbour_keys"))
+        if not (use_kl or use_keys):
             return
         from lit_edit.neighbours import load_subjects
 
         choice = self.hparams.get("neighbour_choice", "random")
-        self.neighbours = RelationNeighbours(
+        neighbours = RelationNeighbours(
             load_subjects(self.hparams["neighbour_subjects"]), self.hparams["neighbour_prompts"], self.hparams["neighbour_tokens"],
             choice=choice, on_target=bool(self.hparams.get("neighbour_target", False)),
         )
-        log.info("relation-neighbour term: %d prompts per request, %d token(s) each, %s subjects from %s (%d)",
-                 self.neighbours.prompts, self.neighbours.tokens, choice, self.hparams["neighbour_subjects"],
-                 len(self.neighbours.subjects))
+        if use_kl:
+            self.neighbours = neighbours
+            log.info("relation-neighbour term: %d prompts per request, %d token(s) each, %s subjects from %s (%d)",
+                     neighbours.prompts, neighbours.tokens, choice, self.hparams["neighbour_subjects"],
+                     len(neighbours.subjects))
+        if use_keys:
+            for name in self._trainable:
+                self._block_module(name)  # a clear error before any work for a tensor that is no linear weight
+            self.neighbour_keys = NeighbourKeys(neighbours)
+            log.info("key-level relation-neighbour term: %d prompts per request, %s subjects from %s (%d)",
+                     neighbours.prompts, choice, self.hparams["neighbour_subjects"], len(neighbours.subjects))
 
     @torch.no_grad()
     def _fill_neighbours(self, requests: list[EditRequest]) -> None:
@@ -541,6 +579,34 @@ class FineTuneEditor(Editor):
         finally:
             for name, value in saved.items():
                 self._trainable[name].copy_(value)
+
+    @torch.no_grad()
+    def _fill_neighbour_keys(self, requests: list[EditRequest]) -> None:
+        """Read the neighbour keys of ``requests`` with the tuned tensors put back to their
+        originals for the pass, then the current values restored."""
+        modules = {}
+        for name in self._trainable:
+            layer, module = self._block_module(name)
+            modules[name] = self.model.get_submodule(f"{self.arch.layers}.{layer}.{module}")
+        saved = self.snapshot_trainable()
+        try:
+            for name, p in self._trainable.items():
+                p.copy_(self._originals[name].to(device=p.device, dtype=p.dtype))
+            with eval_mode(self.model):
+                self.neighbour_keys.fill(self.model, self.tokenizer, requests, modules)
+        finally:
+            for name, value in saved.items():
+                self._trainable[name].copy_(value)
+
+    def neighbour_key_loss(self, requests: list[EditRequest]) -> Optional[torch.Tensor]:
+        """Relative change of the tuned modules' outputs on the neighbour keys read so far
+        (``requests``' neighbours are read first if new)."""
+        missing = self.neighbour_keys.missing(requests)
+        if missing:
+            self._fill_neighbour_keys(missing)
+        weights = {name: (p.T if self.arch.conv1d else p) for name, p in self._trainable.items()}
+        originals = {name: (w.T if self.arch.conv1d else w) for name, w in self._originals.items() if name in weights}
+        return self.neighbour_keys.loss(weights, originals)
 
     def neighbour_loss(self, requests: list[EditRequest]) -> Optional[torch.Tensor]:
         """Mean KL of the edited model from the unedited one on the neighbours of ``requests``."""
