@@ -64,10 +64,14 @@ def check_int(
     return number
 
 
-def check_bool(name: str, value: Any) -> bool:
-    """``value`` if it is a ``bool`` (``"no"`` or ``0`` are refused, not read as truth values)."""
+def check_bool(name: str, value: Any, allow_none: bool = False) -> Optional[bool]:
+    """``value`` if it is a ``bool`` (``"no"`` or ``0`` are refused, not read as truth values);
+    ``None`` too with ``allow_none`` (an automatic choice)."""
+    if value is None and allow_none:
+        return None
     if not isinstance(value, bool):
-        raise TypeError(f"{name} must be true or false, got {type(value).__name__} {_show(value)}")
+        allowed = "true, false or null" if allow_none else "true or false"
+        raise TypeError(f"{name} must be {allowed}, got {type(value).__name__} {_show(value)}")
     return value
 
 

@@ -504,6 +504,8 @@ def test_closed_form_editor_options_are_checked_at_construction(tiny_llama, toke
         ("ValueOptions", {"kl_factor": float("nan")}, ValueError, r"values\.kl_factor"),
         ("ValueOptions", {"lr": "abc"}, TypeError, r"values\.lr must be a number"),
         ("ValueOptions", {"partial_forward": "no"}, TypeError, r"values\.partial_forward"),
+        ("ValueOptions", {"prefix_cache": "yes"}, TypeError, r"values\.prefix_cache must be true, false or null"),
+        ("ValueOptions", {"partial_forward": None}, TypeError, r"values\.partial_forward must be true or false"),
         ("StatisticsOptions", {"update_weight": -1.0}, ValueError, r"statistics\.update_weight must be > 0"),
         ("StatisticsOptions", {"update_weight": float("inf")}, ValueError, r"statistics\.update_weight"),
         ("StatisticsOptions", {"n_samples": 0}, ValueError, r"statistics\.n_samples must be >= 1"),

@@ -108,8 +108,7 @@ class ValueOptions:
         check_real("values.clamp_norm_factor", self.clamp_norm_factor, minimum=0, exclusive=True, allow_none=True)
         check_int("values.batch_size", self.batch_size, minimum=1)
         check_bool("values.partial_forward", self.partial_forward)
-        if self.prefix_cache is not None:
-            check_bool("values.prefix_cache", self.prefix_cache)
+        check_bool("values.prefix_cache", self.prefix_cache, allow_none=True)
         if self.stop is not None and (not isinstance(self.stop, str) or not self.stop):
             bad = TypeError if not isinstance(self.stop, str) else ValueError
             raise bad(f"values.stop must be null, 'eos' or a non-empty stop string, got {self.stop!r}")
