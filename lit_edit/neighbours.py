@@ -4,7 +4,8 @@ An edit request's prompt is a relation template filled with its subject ("The ge
 {Sal Mosca} is"). Fine-tuning on the request can learn the relation instead of the fact: every
 subject asked the same question starts to get the new answer. This term fills each request's
 template with other subjects (``neighbour_prompts`` per request, drawn at random or the most similar
-ones, ``neighbour_choice``, from generic subjects: the offline Wikipedia titles by default,
+ones, or near-copies of the request's own subject, ``neighbour_choice``, from generic subjects:
+the offline Wikipedia titles by default,
 never the evaluation's locality prompts) and
 penalises how far the edited model's next-token distributions on those prompts move from the
 unedited model's:
@@ -50,11 +51,13 @@ __all__ = [
     "check_subjects_source",
     "load_subjects",
     "neighbour_kl",
+    "perturbed_subjects",
+    "subject_words",
     "relation_prompts",
 ]
 
 #: How the other subjects are chosen (:class:`RelationNeighbours`).
-CHOICES = ("random", "similar")
+CHOICES = ("random", "similar", "perturbed")
 
 #: Tokens of the unedited distribution kept exactly at each position; the rest is one outcome.
 TOP_TOKENS = 256
@@ -100,6 +103,45 @@ def _same_entity(a: str, b: str) -> bool:
     same thing, and keeping the unedited answer for one would fight the edit of the other."""
     a, b = a.strip().lower(), b.strip().lower()
     return a in b or b in a
+
+
+def subject_words(subjects: Sequence[str]) -> list[str]:
+    """The distinct words (letters, digits, hyphens) of ``subjects``, sorted: the replacement words of
+    :func:`perturbed_subjects`."""
+    return sorted({w for other in subjects for w in other.split() if w.replace("-", "").isalnum()})
+
+
+def perturbed_subjects(subject: str, words_pool: Sequence[str], n: int, seed: int = 0) -> list[str]:
+    """``n`` near-copies of ``subject``, each with one word swapped for a word of another subject.
+
+    The swapped position cycles over the subject's words ("10 Crown Terrace" -> "Deal Crown
+    Terrace", "10 Tower Terrace", "10 Crown Hill", ...), so every position of the name has a
+    variant that differs only there. A one-word subject keeps its first half of characters and
+    takes the second half of another word ("Sugeldi" -> "Sugmond"). The replacement words are
+    drawn from ``words_pool`` (:func:`subject_words`; seeded by ``seed`` and the subject: the same
+    subject always gets the same variants); a variant equal to, containing or contained in the
+    subject is skipped."""
+    words = subject.split()
+    pool = words_pool
+    if not words or n < 1 or not pool:
+        return []
+    digest = hashlib.sha256(f"{seed}\0perturbed\0{subject}".encode()).digest()
+    rng = random.Random(int.from_bytes(digest[:8], "little"))
+    out: list[str] = []
+    for attempt in range(20 * n):
+        word = pool[rng.randrange(len(pool))]
+        if len(words) == 1:
+            keep = words[0][: (len(words[0]) + 1) // 2]
+            variant = keep + word[len(word) // 2 :].lower()
+        else:
+            i = attempt % len(words)
+            variant = " ".join(words[:i] + [word] + words[i + 1 :])
+        if _same_entity(variant, subject) or variant in out:
+            continue
+        out.append(variant)
+        if len(out) == n:
+            break
+    return out
 
 
 def relation_prompts(
@@ -258,9 +300,11 @@ class RelationNeighbours:
         top: unedited tokens kept exactly per position (``None`` = :data:`TOP_TOKENS`).
         on_target: also compare along each request's new target, teacher forced after every
             neighbour prompt: the edit must not make its new answer likelier for other subjects.
-        choice: ``random`` (seeded draws) or ``similar`` (the subjects nearest the request's
+        choice: ``random`` (seeded draws), ``similar`` (the subjects nearest the request's
             under the model's input embeddings, :class:`SubjectIndex`: the subjects an edit is
-            most likely to spill onto).
+            most likely to spill onto) or ``perturbed`` (near-copies of the request's own
+            subject with one word swapped, :func:`perturbed_subjects`: names that differ from
+            it in one place).
     """
 
     def __init__(
@@ -280,6 +324,7 @@ class RelationNeighbours:
         self.choice = choice
         self.on_target = bool(on_target)
         self._index: Optional[SubjectIndex] = None
+        self._words: Optional[list[str]] = None
         self._targets: dict[tuple, Optional[NeighbourTargets]] = {}
 
     def __len__(self) -> int:
@@ -298,6 +343,11 @@ class RelationNeighbours:
     def prompts_for(self, model: nn.Module, tokenizer: Any, request: EditRequest) -> list[str]:
         """``request``'s neighbour prompts under this object's subjects, count, seed and choice."""
         order = None
+        if self.choice == "perturbed" and request.subject:
+            if self._words is None:
+                self._words = subject_words(self.subjects)
+            variants = perturbed_subjects(request.subject, self._words, self.prompts, self.seed)
+            return relation_prompts(request, variants, self.prompts, order=range(len(variants)))
         if self.choice == "similar" and request.subject:
             if self._index is None:
                 self._index = SubjectIndex(model, tokenizer, self.subjects)

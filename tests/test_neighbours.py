@@ -9,7 +9,16 @@ from helpers import make_tiny_llama
 
 from lit_edit.data import EditDataModule, EditRequest
 from lit_edit.editors import LocFTBF
-from lit_edit.neighbours import NeighbourKeys, RelationNeighbours, SubjectIndex, build_targets, neighbour_kl, relation_prompts
+from lit_edit.neighbours import (
+    NeighbourKeys,
+    RelationNeighbours,
+    SubjectIndex,
+    build_targets,
+    neighbour_kl,
+    perturbed_subjects,
+    relation_prompts,
+    subject_words,
+)
 
 DOWN1 = "model.layers.1.mlp.down_proj.weight"
 OTHERS = ["Marie Curie", "Mount Fuji", "The Beatles", "Lake Victoria", "Albert Einstein", "Berlin Wall", "Nile", "Mozart"]
@@ -154,6 +163,7 @@ def test_neighbour_targets_come_from_the_unedited_weights(tiny_llama, tokenizer,
         ({"neighbour_subjects": "wiki:test"}, ValueError, "neighbour_subjects"),
         ({"neighbour_subjects": "/no/such/subjects.txt"}, ValueError, "neighbour_subjects"),
         ({"neighbour_choice": "nearest"}, ValueError, "neighbour_choice must be one of"),
+        ({"neighbour_choice": "perturb"}, ValueError, "neighbour_choice must be one of"),
         ({"neighbour_target": "yes"}, TypeError, "neighbour_target"),
         ({"extend_epochs": -1}, ValueError, "extend_epochs must be >= 0"),
         ({"extend_min_drop": 1.5}, ValueError, "extend_min_drop"),
@@ -302,3 +312,28 @@ def test_neighbour_terms_fit_with_tuned_blocks_that_feed_each_other(tokenizer, r
     loss0 = ed.edit_loss(requests).detach()
     fit(ed, requests, epochs=4, batch_size=1)  # every request is new at some step
     assert (ed.edit_loss(requests).detach() < loss0).all()
+
+
+def test_perturbed_subjects_differ_from_the_subject_in_one_word():
+    pool = subject_words(OTHERS)
+    assert "Fuji" in pool and "Mount" in pool
+    variants = perturbed_subjects("10 Crown Terrace", pool, 6, seed=0)
+    assert variants == perturbed_subjects("10 Crown Terrace", pool, 6, seed=0)  # deterministic
+    assert len(variants) == len(set(variants)) == 6
+    changed = set()
+    for v in variants:
+        diff = [i for i, (a, b) in enumerate(zip(v.split(), "10 Crown Terrace".split())) if a != b]
+        assert len(v.split()) == 3 and len(diff) == 1 and v.split()[diff[0]] in pool, v
+        changed.add(diff[0])
+    assert changed == {0, 1, 2}  # every position of the name has a variant that differs there
+    single = perturbed_subjects("Sugeldi", pool, 3, seed=0)
+    assert len(single) == 3 and all(v.startswith("Suge") and v != "Sugeldi" for v in single), single
+    assert perturbed_subjects("", pool, 3) == [] and perturbed_subjects("Nile", [], 3) == []
+
+
+def test_perturbed_choice_fills_the_request_template(tiny_llama, tokenizer, requests):
+    chooser = RelationNeighbours(OTHERS, prompts=3, tokens=1, choice="perturbed")
+    r = requests[0]
+    prompts = chooser.prompts_for(tiny_llama, tokenizer, r)
+    expected = perturbed_subjects(r.subject, subject_words(OTHERS), 3)
+    assert prompts == [r.prompt.replace(r.subject, v) for v in expected]

@@ -181,9 +181,10 @@ class FineTuneEditor(Editor):
             Wikipedia article titles of the statistics split) or a ``.txt`` file, one per line.
         neighbour_target: also compare along the request's new target, teacher forced after each
             neighbour prompt: the edit must not make its new answer likelier for other subjects.
-        neighbour_choice: ``random`` (seeded draws per request) or ``similar`` (the subjects
+        neighbour_choice: ``random`` (seeded draws per request), ``similar`` (the subjects
             nearest the request's by the model's input embeddings: those an edit is most likely
-            to spill onto).
+            to spill onto) or ``perturbed`` (near-copies of the request's own subject, one word
+            swapped for a word of the candidates: names that differ from it in one place).
         max_update_ratio: after every optimizer step, the tuned tensors must be finite and their
             total change W − W₀ from the original must stay under this (the larger of
             ‖W − W₀‖_F/‖W₀‖_F and max|W − W₀|/max|W₀|, :mod:`lit_edit.guards`); ``None`` checks
@@ -233,7 +234,7 @@ class FineTuneEditor(Editor):
         neighbour_tokens: int = 1,
         neighbour_subjects: str = "wiki:train",
         neighbour_target: bool = False,
-        neighbour_choice: Literal["random", "similar"] = "random",
+        neighbour_choice: Literal["random", "similar", "perturbed"] = "random",
         max_update_ratio: Optional[float] = DEFAULT_MAX_UPDATE_RATIO,
         on_bad_update: Literal["refuse", "warn"] = "refuse",
         chat_template: Literal["auto", "never", "always"] = "never",
