@@ -388,10 +388,17 @@ class NeighbourKeys:
     model receives from it on those prompts, at the cost of one small matrix product per step;
     no forward pass of the neighbours is needed after their keys are read. Prompts come from
     ``neighbours`` (:meth:`RelationNeighbours.prompts_for`: subjects, count, seed, choice).
+
+    With ``own=True`` the keys of each request's own prompt and target are added too, at every
+    position outside the subject's tokens: the words of the relation and the answer, which every
+    subject asked the same question shares. The edit is then written through the subject's
+    tokens (where locate-and-edit methods write it) and carried to the answer by the blocks
+    above.
     """
 
-    def __init__(self, neighbours: RelationNeighbours):
+    def __init__(self, neighbours: RelationNeighbours, own: bool = False):
         self.neighbours = neighbours
+        self.own = bool(own)
         self._seen: set[tuple] = set()
         self._sums: dict[str, torch.Tensor] = {}
         self._count = 0
@@ -414,11 +421,21 @@ class NeighbourKeys:
         """Read the keys of ``requests``' neighbour prompts at ``modules`` (name -> linear module)
         under ``model`` as it is now (call with the unedited weights)."""
         rows: list[list[int]] = []
+        skip: list[tuple[int, int]] = []  # per row, the token positions [a, b) left out
         for r in requests:
             self._seen.add(_request_key(r))
             target = encode_target(tokenizer, r.target_new)
             for prompt in self.neighbours.prompts_for(model, tokenizer, r):
                 rows.append((encode_prompt(tokenizer, prompt) + target)[:-1])
+                skip.append((0, 0))
+            if self.own and r.subject and r.subject in r.prompt:
+                from lit_edit.closed_form.tokens import fact_token_index
+
+                at = r.prompt.find(r.subject)
+                first = fact_token_index(tokenizer, r.prompt, at + 1)
+                last = fact_token_index(tokenizer, r.prompt, at + len(r.subject))
+                rows.append((encode_prompt(tokenizer, r.prompt) + target)[:-1])
+                skip.append((first, last + 1))
         if not rows:
             return
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -434,9 +451,12 @@ class NeighbourKeys:
         try:
             for start in range(0, len(rows), 64):
                 ids, mask = pad_rows(rows[start : start + 64], pad)
+                keep = mask.bool()  # the attention mask stays whole; the subject's positions are not read
+                for b, (a, e) in enumerate(skip[start : start + 64]):
+                    keep[b, a:e] = False
                 got.clear()
                 model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
-                keep = mask.to(device).bool()
+                keep = keep.to(device)
                 for name, x in got.items():
                     k = x[keep].double()
                     s = k.T @ k

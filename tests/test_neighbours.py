@@ -158,6 +158,7 @@ def test_neighbour_targets_come_from_the_unedited_weights(tiny_llama, tokenizer,
         ({"neighbour_kl": 1.0, "lora_rank": 4}, ValueError, "neighbour_kl .* lora_rank"),
         ({"neighbour_keys": -1.0}, ValueError, "neighbour_keys must be >= 0"),
         ({"neighbour_keys": 1.0, "lora_rank": 4}, ValueError, "neighbour_keys .* lora_rank"),
+        ({"neighbour_keys_own": 1}, TypeError, "neighbour_keys_own must be true or false"),
         ({"neighbour_prompts": 0}, ValueError, "neighbour_prompts must be >= 1"),
         ({"neighbour_tokens": 0}, ValueError, "neighbour_tokens must be >= 1"),
         ({"neighbour_subjects": "wiki:test"}, ValueError, "neighbour_subjects"),
@@ -337,3 +338,38 @@ def test_perturbed_choice_fills_the_request_template(tiny_llama, tokenizer, requ
     prompts = chooser.prompts_for(tiny_llama, tokenizer, r)
     expected = perturbed_subjects(r.subject, subject_words(OTHERS), 3)
     assert prompts == [r.prompt.replace(r.subject, v) for v in expected]
+
+
+def test_neighbour_keys_own_read_the_request_outside_its_subject(tiny_llama, tokenizer, requests):
+    """``own=True`` adds the request's own prompt and target at every position but the subject's
+    tokens, and exactly those keys."""
+    from lit_edit.closed_form.tokens import fact_token_index
+    from lit_edit.data.tokenize import encode_prompt, encode_target
+
+    r = requests[0]
+    module = {DOWN1: tiny_llama.model.layers[1].mlp.down_proj}
+    plain = NeighbourKeys(RelationNeighbours(OTHERS, 2, 1))
+    plain.fill(tiny_llama, tokenizer, [r], module)
+    own = NeighbourKeys(RelationNeighbours(OTHERS, 2, 1), own=True)
+    own.fill(tiny_llama, tokenizer, [r], module)
+    row = (encode_prompt(tokenizer, r.prompt) + encode_target(tokenizer, r.target_new))[:-1]
+    at = r.prompt.find(r.subject)
+    first = fact_token_index(tokenizer, r.prompt, at + 1)
+    last = fact_token_index(tokenizer, r.prompt, at + len(r.subject))
+    assert last > first  # "Eiffel Tower": more than one token, all of them left out
+    kept = [i for i in range(len(row)) if not first <= i <= last]
+    assert len(own) - len(plain) == len(kept)
+    expected = module_inputs(tiny_llama, tokenizer, row, module[DOWN1])[kept].double()
+    assert torch.allclose(own._sums[DOWN1] - plain._sums[DOWN1], expected.T @ expected, rtol=1e-6, atol=1e-8)
+
+
+def module_inputs(model, tok, row, module):
+    """The inputs of ``module`` at every position of one row."""
+    got = []
+    handle = module.register_forward_pre_hook(lambda m, a: got.append(a[0].detach()))
+    try:
+        with torch.no_grad():
+            model(input_ids=torch.tensor([row]))
+    finally:
+        handle.remove()
+    return got[0][0]

@@ -123,6 +123,7 @@ def _check_options(**o: Any) -> None:
     check_real("neighbour_keys", o["neighbour_keys"], minimum=0)
     if o["neighbour_keys"] > 0 and o["lora_rank"] is not None:
         raise ValueError("neighbour_keys penalises the change of tuned weights; it cannot be combined with lora_rank")
+    check_bool("neighbour_keys_own", o["neighbour_keys_own"])
     check_int("neighbour_prompts", o["neighbour_prompts"], minimum=1)
     check_int("neighbour_tokens", o["neighbour_tokens"], minimum=1)
     check_subjects_source(o["neighbour_subjects"])
@@ -174,6 +175,9 @@ class FineTuneEditor(Editor):
             prompts as ``neighbour_kl``, followed by the new target), added to the loss; 0 = off.
             One small matrix product per step, no extra forward pass. Needs the weights of
             linear modules inside blocks; not combined with ``lora_rank``.
+        neighbour_keys_own: ``neighbour_keys`` also holds the request's own prompt and target
+            at every position outside the subject's tokens (the relation's and the answer's
+            words), so the edit is written through the subject's tokens.
         neighbour_prompts: other subjects per request.
         neighbour_tokens: positions compared per neighbour prompt: the next token after the
             prompt, then the unedited model's own greedy continuation (teacher forced).
@@ -230,6 +234,7 @@ class FineTuneEditor(Editor):
         preservation_corpus: str = "wiki:train",
         neighbour_kl: float = 0.0,
         neighbour_keys: float = 0.0,
+        neighbour_keys_own: bool = False,
         neighbour_prompts: int = 4,
         neighbour_tokens: int = 1,
         neighbour_subjects: str = "wiki:train",
@@ -245,7 +250,8 @@ class FineTuneEditor(Editor):
             target_modules=target_modules, layers_to_transform=layers_to_transform, lr=lr, loss=loss, append_eos=append_eos,
             min_loss=min_loss, adam_eps=adam_eps, linf_eps=linf_eps, lora_rank=lora_rank, lora_alpha=lora_alpha,
             preservation=preservation, preservation_texts=preservation_texts, preservation_corpus=preservation_corpus,
-            neighbour_kl=neighbour_kl, neighbour_keys=neighbour_keys, neighbour_prompts=neighbour_prompts, neighbour_tokens=neighbour_tokens,
+            neighbour_kl=neighbour_kl, neighbour_keys=neighbour_keys, neighbour_keys_own=neighbour_keys_own,
+            neighbour_prompts=neighbour_prompts, neighbour_tokens=neighbour_tokens,
             neighbour_subjects=neighbour_subjects, neighbour_target=neighbour_target, neighbour_choice=neighbour_choice,
             cache_block_inputs=cache_block_inputs, group_by_length=group_by_length,
         )  # before the model is loaded
@@ -564,9 +570,11 @@ class FineTuneEditor(Editor):
         if use_keys:
             for name in self._trainable:
                 self._block_module(name)  # a clear error before any work for a tensor that is no linear weight
-            self.neighbour_keys = NeighbourKeys(neighbours)
-            log.info("key-level relation-neighbour term: %d prompts per request, %s subjects from %s (%d)",
-                     neighbours.prompts, choice, self.hparams["neighbour_subjects"], len(neighbours.subjects))
+            own = bool(self.hparams.get("neighbour_keys_own", False))
+            self.neighbour_keys = NeighbourKeys(neighbours, own=own)
+            log.info("key-level relation-neighbour term: %d prompts per request, %s subjects from %s (%d)%s",
+                     neighbours.prompts, choice, self.hparams["neighbour_subjects"], len(neighbours.subjects),
+                     "; the requests' own positions outside the subject too" if own else "")
 
     @torch.no_grad()
     def _fill_neighbours(self, requests: list[EditRequest]) -> None:
