@@ -389,16 +389,21 @@ class NeighbourKeys:
     no forward pass of the neighbours is needed after their keys are read. Prompts come from
     ``neighbours`` (:meth:`RelationNeighbours.prompts_for`: subjects, count, seed, choice).
 
-    With ``own=True`` the keys of each request's own prompt and target are added too, at every
-    position outside the subject's tokens: the words of the relation and the answer, which every
-    subject asked the same question shares. The edit is then written through the subject's
-    tokens (where locate-and-edit methods write it) and carried to the answer by the blocks
-    above.
+    With ``own="subject"`` the keys of each request's own prompt and target are added too, at
+    every position outside the subject's tokens: the words of the relation and the answer, which
+    every subject asked the same question shares. The edit is then written through the subject's
+    tokens and carried to the answer by the blocks above. ``own="fact_token"`` leaves out only
+    the subject's last token, where locate-and-edit methods write: the subject's first words, which
+    neighbouring names share, are held too. ``own="none"`` (default) adds nothing.
     """
 
-    def __init__(self, neighbours: RelationNeighbours, own: bool = False):
+    OWN = ("none", "subject", "fact_token")
+
+    def __init__(self, neighbours: RelationNeighbours, own: str = "none"):
+        if own not in self.OWN:
+            raise ValueError(f"own must be one of {list(self.OWN)}, got {own!r}")
         self.neighbours = neighbours
-        self.own = bool(own)
+        self.own = own
         self._seen: set[tuple] = set()
         self._sums: dict[str, torch.Tensor] = {}
         self._count = 0
@@ -428,14 +433,14 @@ class NeighbourKeys:
             for prompt in self.neighbours.prompts_for(model, tokenizer, r):
                 rows.append((encode_prompt(tokenizer, prompt) + target)[:-1])
                 skip.append((0, 0))
-            if self.own and r.subject and r.subject in r.prompt:
+            if self.own != "none" and r.subject and r.subject in r.prompt:
                 from lit_edit.closed_form.tokens import fact_token_index
 
                 at = r.prompt.find(r.subject)
                 first = fact_token_index(tokenizer, r.prompt, at + 1)
                 last = fact_token_index(tokenizer, r.prompt, at + len(r.subject))
                 rows.append((encode_prompt(tokenizer, r.prompt) + target)[:-1])
-                skip.append((first, last + 1))
+                skip.append((first if self.own == "subject" else last, last + 1))
         if not rows:
             return
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

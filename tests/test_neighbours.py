@@ -158,7 +158,7 @@ def test_neighbour_targets_come_from_the_unedited_weights(tiny_llama, tokenizer,
         ({"neighbour_kl": 1.0, "lora_rank": 4}, ValueError, "neighbour_kl .* lora_rank"),
         ({"neighbour_keys": -1.0}, ValueError, "neighbour_keys must be >= 0"),
         ({"neighbour_keys": 1.0, "lora_rank": 4}, ValueError, "neighbour_keys .* lora_rank"),
-        ({"neighbour_keys_own": 1}, TypeError, "neighbour_keys_own must be true or false"),
+        ({"neighbour_keys_own": True}, ValueError, "neighbour_keys_own must be one of"),
         ({"neighbour_prompts": 0}, ValueError, "neighbour_prompts must be >= 1"),
         ({"neighbour_tokens": 0}, ValueError, "neighbour_tokens must be >= 1"),
         ({"neighbour_subjects": "wiki:test"}, ValueError, "neighbour_subjects"),
@@ -341,8 +341,8 @@ def test_perturbed_choice_fills_the_request_template(tiny_llama, tokenizer, requ
 
 
 def test_neighbour_keys_own_read_the_request_outside_its_subject(tiny_llama, tokenizer, requests):
-    """``own=True`` adds the request's own prompt and target at every position but the subject's
-    tokens, and exactly those keys."""
+    """``own="subject"`` adds the request's own prompt and target at every position but the
+    subject's tokens, and exactly those keys; ``"fact_token"`` every position but the last one."""
     from lit_edit.closed_form.tokens import fact_token_index
     from lit_edit.data.tokenize import encode_prompt, encode_target
 
@@ -350,7 +350,7 @@ def test_neighbour_keys_own_read_the_request_outside_its_subject(tiny_llama, tok
     module = {DOWN1: tiny_llama.model.layers[1].mlp.down_proj}
     plain = NeighbourKeys(RelationNeighbours(OTHERS, 2, 1))
     plain.fill(tiny_llama, tokenizer, [r], module)
-    own = NeighbourKeys(RelationNeighbours(OTHERS, 2, 1), own=True)
+    own = NeighbourKeys(RelationNeighbours(OTHERS, 2, 1), own="subject")
     own.fill(tiny_llama, tokenizer, [r], module)
     row = (encode_prompt(tokenizer, r.prompt) + encode_target(tokenizer, r.target_new))[:-1]
     at = r.prompt.find(r.subject)
@@ -361,6 +361,9 @@ def test_neighbour_keys_own_read_the_request_outside_its_subject(tiny_llama, tok
     assert len(own) - len(plain) == len(kept)
     expected = module_inputs(tiny_llama, tokenizer, row, module[DOWN1])[kept].double()
     assert torch.allclose(own._sums[DOWN1] - plain._sums[DOWN1], expected.T @ expected, rtol=1e-6, atol=1e-8)
+    fact = NeighbourKeys(RelationNeighbours(OTHERS, 2, 1), own="fact_token")
+    fact.fill(tiny_llama, tokenizer, [r], module)
+    assert len(fact) - len(plain) == len(row) - 1  # every position but the subject's last token
 
 
 def module_inputs(model, tok, row, module):

@@ -123,7 +123,8 @@ def _check_options(**o: Any) -> None:
     check_real("neighbour_keys", o["neighbour_keys"], minimum=0)
     if o["neighbour_keys"] > 0 and o["lora_rank"] is not None:
         raise ValueError("neighbour_keys penalises the change of tuned weights; it cannot be combined with lora_rank")
-    check_bool("neighbour_keys_own", o["neighbour_keys_own"])
+    if o["neighbour_keys_own"] not in NeighbourKeys.OWN:
+        raise ValueError(f"neighbour_keys_own must be one of {list(NeighbourKeys.OWN)}, got {o['neighbour_keys_own']!r}")
     check_int("neighbour_prompts", o["neighbour_prompts"], minimum=1)
     check_int("neighbour_tokens", o["neighbour_tokens"], minimum=1)
     check_subjects_source(o["neighbour_subjects"])
@@ -175,9 +176,10 @@ class FineTuneEditor(Editor):
             prompts as ``neighbour_kl``, followed by the new target), added to the loss; 0 = off.
             One small matrix product per step, no extra forward pass. Needs the weights of
             linear modules inside blocks; not combined with ``lora_rank``.
-        neighbour_keys_own: ``neighbour_keys`` also holds the request's own prompt and target
-            at every position outside the subject's tokens (the relation's and the answer's
-            words), so the edit is written through the subject's tokens.
+        neighbour_keys_own: ``none``; ``subject``: ``neighbour_keys`` also holds the request's
+            own prompt and target at every position outside the subject's tokens (the relation's
+            and the answer's words), so the edit is written through the subject's tokens;
+            ``fact_token``: at every position but the subject's last token.
         neighbour_prompts: other subjects per request.
         neighbour_tokens: positions compared per neighbour prompt: the next token after the
             prompt, then the unedited model's own greedy continuation (teacher forced).
@@ -234,7 +236,7 @@ class FineTuneEditor(Editor):
         preservation_corpus: str = "wiki:train",
         neighbour_kl: float = 0.0,
         neighbour_keys: float = 0.0,
-        neighbour_keys_own: bool = False,
+        neighbour_keys_own: Literal["none", "subject", "fact_token"] = "none",
         neighbour_prompts: int = 4,
         neighbour_tokens: int = 1,
         neighbour_subjects: str = "wiki:train",
@@ -570,11 +572,12 @@ class FineTuneEditor(Editor):
         if use_keys:
             for name in self._trainable:
                 self._block_module(name)  # a clear error before any work for a tensor that is no linear weight
-            own = bool(self.hparams.get("neighbour_keys_own", False))
+            own = self.hparams.get("neighbour_keys_own", "none")
             self.neighbour_keys = NeighbourKeys(neighbours, own=own)
             log.info("key-level relation-neighbour term: %d prompts per request, %s subjects from %s (%d)%s",
                      neighbours.prompts, choice, self.hparams["neighbour_subjects"], len(neighbours.subjects),
-                     "; the requests' own positions outside the subject too" if own else "")
+                     {"none": "", "subject": "; the requests' own positions outside the subject too",
+                      "fact_token": "; the requests' own positions but the subject's last token too"}[own])
 
     @torch.no_grad()
     def _fill_neighbours(self, requests: list[EditRequest]) -> None:
