@@ -376,3 +376,11 @@ def module_inputs(model, tok, row, module):
     finally:
         handle.remove()
     return got[0][0]
+
+
+def test_neighbour_keys_refuse_a_tensor_that_is_no_linear_weight_before_any_step(tiny_llama, tokenizer, requests, subjects_file):
+    ed = editor(tiny_llama, tokenizer, target_modules=["input_layernorm"], neighbour_keys=1.0, neighbour_subjects=subjects_file)
+    before = {n: p.detach().clone() for n, p in tiny_llama.named_parameters()}
+    with pytest.raises(ValueError, match="neighbour_keys need 2-D linear weights"):
+        fit(ed, requests, epochs=1)
+    assert all(torch.equal(p, before[n]) for n, p in tiny_llama.named_parameters())

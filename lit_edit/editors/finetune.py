@@ -635,7 +635,7 @@ class FineTuneEditor(Editor):
         parts = name[len(prefix):].split(".", 1) if name.startswith(prefix) else []
         if len(parts) != 2 or not parts[0].isdigit() or not parts[1].endswith(".weight"):
             raise ValueError(
-                f"preservation needs the weights of linear modules inside blocks ({prefix}<i>.<module>.weight); "
+                f"preservation and neighbour_keys need the weights of linear modules inside blocks ({prefix}<i>.<module>.weight); "
                 f"{name!r} is not one"
             )
         module_path = parts[1][: -len(".weight")]
@@ -643,7 +643,7 @@ class FineTuneEditor(Editor):
         weight = getattr(module, "weight", None)
         if weight is None or weight.dim() != 2:
             shape = "not a weight" if weight is None else f"of shape {tuple(weight.shape)}"
-            raise ValueError(f"preservation needs 2-D linear weights; {name!r} is {shape}")
+            raise ValueError(f"preservation and neighbour_keys need 2-D linear weights; {name!r} is {shape}")
         return int(parts[0]), module_path
 
     def prepare_preservation(self) -> None:
