@@ -37,8 +37,11 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from lit_edit.closed_form.hooks import StopForward, run_until_stopped
+from lit_edit.closed_form.tokens import fact_token_index
 from lit_edit.data.request import EditRequest
 from lit_edit.data.tokenize import encode_prompt, encode_target, pad_rows
+from lit_edit.losses import PreservationTerm, preservation_loss
 from lit_edit.models import logits_at
 
 __all__ = [
@@ -98,6 +101,17 @@ def _request_key(r: EditRequest) -> tuple:
     return (r.prompt, r.subject, r.target_new)
 
 
+def _unseen(requests: Sequence[EditRequest], seen: Any) -> list[EditRequest]:
+    """The requests of ``requests`` whose key is not in ``seen``, each once, in order."""
+    new, out = set(), []
+    for r in requests:
+        key = _request_key(r)
+        if key not in seen and key not in new:
+            new.add(key)
+            out.append(r)
+    return out
+
+
 def _same_entity(a: str, b: str) -> bool:
     """Whether one name contains the other (case-insensitive): "Apple" and "Apple Inc." name the
     same thing, and keeping the unedited answer for one would fight the edit of the other."""
@@ -121,8 +135,7 @@ def perturbed_subjects(subject: str, words_pool: Sequence[str], n: int, seed: in
     drawn from ``words_pool`` (:func:`subject_words`; seeded by ``seed`` and the subject: the same
     subject always gets the same variants); a variant equal to, containing or contained in the
     subject is skipped."""
-    words = subject.split()
-    pool = words_pool
+    words, pool = subject.split(), words_pool
     if not words or n < 1 or not pool:
         return []
     digest = hashlib.sha256(f"{seed}\0perturbed\0{subject}".encode()).digest()
@@ -332,13 +345,7 @@ class RelationNeighbours:
 
     def missing(self, requests: Sequence[EditRequest]) -> list[EditRequest]:
         """Requests of ``requests`` whose targets are not computed yet (once each)."""
-        seen, out = set(), []
-        for r in requests:
-            key = _request_key(r)
-            if key not in self._targets and key not in seen:
-                seen.add(key)
-                out.append(r)
-        return out
+        return _unseen(requests, self._targets)
 
     def prompts_for(self, model: nn.Module, tokenizer: Any, request: EditRequest) -> list[str]:
         """``request``'s neighbour prompts under this object's subjects, count, seed and choice."""
@@ -407,19 +414,15 @@ class NeighbourKeys:
         self._seen: set[tuple] = set()
         self._sums: dict[str, torch.Tensor] = {}
         self._count = 0
+        self._terms: dict[str, PreservationTerm] = {}  # built from the sums on first use, dropped when they grow
 
     def __len__(self) -> int:
         """Key positions read so far."""
         return self._count
 
     def missing(self, requests: Sequence[EditRequest]) -> list[EditRequest]:
-        seen, out = set(), []
-        for r in requests:
-            key = _request_key(r)
-            if key not in self._seen and key not in seen:
-                seen.add(key)
-                out.append(r)
-        return out
+        """Requests of ``requests`` whose keys are not read yet (once each)."""
+        return _unseen(requests, self._seen)
 
     @torch.no_grad()
     def fill(self, model: nn.Module, tokenizer: Any, requests: Sequence[EditRequest], modules: dict[str, nn.Module]) -> None:
@@ -434,8 +437,6 @@ class NeighbourKeys:
                 rows.append((encode_prompt(tokenizer, prompt) + target)[:-1])
                 skip.append((0, 0))
             if self.own != "none" and r.subject and r.subject in r.prompt:
-                from lit_edit.closed_form.tokens import fact_token_index
-
                 at = r.prompt.find(r.subject)
                 first = fact_token_index(tokenizer, r.prompt, at + 1)
                 last = fact_token_index(tokenizer, r.prompt, at + len(r.subject))
@@ -450,6 +451,8 @@ class NeighbourKeys:
         def reader(name: str):
             def hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
                 got[name] = args[0] if args else next(iter(kwargs.values()))
+                if len(got) == len(modules):
+                    raise StopForward  # every module read: the blocks above are not needed
             return hook
 
         handles = [m.register_forward_pre_hook(reader(n), with_kwargs=True) for n, m in modules.items()]
@@ -460,13 +463,15 @@ class NeighbourKeys:
                 for b, (a, e) in enumerate(skip[start : start + 64]):
                     keep[b, a:e] = False
                 got.clear()
-                model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+                batch = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "use_cache": False}
+                run_until_stopped(lambda batch=batch: model(**batch))
                 keep = keep.to(device)
                 for name, x in got.items():
                     k = x[keep].double()
                     s = k.T @ k
                     self._sums[name] = s if name not in self._sums else self._sums[name] + s
                 self._count += int(keep.sum())
+            self._terms.clear()
         finally:
             for h in handles:
                 h.remove()
@@ -476,13 +481,7 @@ class NeighbourKeys:
         ``weights`` and ``originals`` as ``(out, in)``."""
         if not self._count:
             return None
-        total = None
-        for name, w in weights.items():
-            if name not in self._sums:
-                continue
-            c = (self._sums[name] / self._count).to(device=w.device, dtype=torch.float32)
-            w0 = originals[name].to(device=w.device, dtype=torch.float32)
-            delta = w.float() - w0
-            value = ((delta @ c) * delta).sum() / ((w0 @ c) * w0).sum().clamp_min(1e-30)
-            total = value if total is None else total + value
-        return total
+        for name in self._sums.keys() - self._terms.keys():
+            w = weights[name]
+            self._terms[name] = PreservationTerm.build(self._sums[name] / self._count, originals[name].to(w.device))
+        return preservation_loss(self._terms, weights)

@@ -141,7 +141,7 @@ def test_neighbour_targets_come_from_the_unedited_weights(tiny_llama, tokenizer,
     late = requests[2]
     before = {n: p.detach().clone() for n, p in tiny_llama.named_parameters()}
     ed.prepare_neighbours()
-    ed._fill_neighbours([late])
+    ed.fill_neighbours([late])
     assert all(torch.equal(p, before[n]) for n, p in tiny_llama.named_parameters())  # the current weights are back
     fresh = make_tiny_llama(len(tokenizer))
     prompts = relation_prompts(late, ed.neighbours.subjects, ed.neighbours.prompts)
@@ -293,7 +293,7 @@ def test_neighbour_keys_are_read_from_the_unedited_weights(tiny_llama, tokenizer
     late = requests[2]
     now = {n: p.detach().clone() for n, p in tiny_llama.named_parameters()}
     ed.prepare_neighbours()
-    ed._fill_neighbour_keys([late])
+    ed.fill_neighbours([late])
     assert all(torch.equal(p, now[n]) for n, p in tiny_llama.named_parameters())
     fresh = make_tiny_llama(len(tokenizer))
     rows = neighbour_rows(tokenizer, [late])

@@ -60,6 +60,8 @@ length rather than one batch padded to its longest request (CounterFact mini-bat
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, ClassVar, Literal, Optional, Union
 
 import torch
@@ -520,16 +522,7 @@ class FineTuneEditor(Editor):
     def training_loss(self, requests: list[EditRequest]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(edit loss, loss to optimise)``: the batch-mean edit loss, plus the preservation and
         relation-neighbour terms."""
-        # the neighbours' unedited targets and keys are read with the original weights put back
-        # for a moment: before the edit loss's graph holds the current ones
-        if self.neighbours is not None:
-            missing = self.neighbours.missing(requests)
-            if missing:
-                self._fill_neighbours(missing)
-        if self.neighbour_keys is not None:
-            missing = self.neighbour_keys.missing(requests)
-            if missing:
-                self._fill_neighbour_keys(missing)
+        self.fill_neighbours(requests)  # before the edit loss's graph holds the current weights
         edit = self.edit_loss(requests).mean()
         total = edit
         if self._preserve:
@@ -542,7 +535,7 @@ class FineTuneEditor(Editor):
                 self.log("train/neighbour_kl", kl.detach(), on_step=True, on_epoch=False, batch_size=len(requests))
                 total = total + float(self.hparams["neighbour_kl"]) * kl
         if self.neighbour_keys is not None:
-            change = self.neighbour_key_loss(requests)
+            change = self.neighbour_key_loss()
             if change is not None:
                 self.log("train/neighbour_keys", change.detach(), on_step=True, on_epoch=False, batch_size=len(requests))
                 total = total + float(self.hparams["neighbour_keys"]) * change
@@ -579,52 +572,49 @@ class FineTuneEditor(Editor):
                      {"none": "", "subject": "; the requests' own positions outside the subject too",
                       "fact_token": "; the requests' own positions but the subject's last token too"}[own])
 
-    @torch.no_grad()
-    def _fill_neighbours(self, requests: list[EditRequest]) -> None:
-        """The unedited targets of ``requests``' neighbours: computed with the tuned tensors put
-        back to their originals for the pass, then the current values restored."""
+    @contextmanager
+    def _original_weights(self) -> Iterator[None]:
+        """The tuned tensors put back to their originals for the block, their current values after."""
         saved = self.snapshot_trainable()
         try:
-            for name, p in self._trainable.items():
-                p.copy_(self._originals[name].to(device=p.device, dtype=p.dtype))
-            self.neighbours.fill(self.model, self.tokenizer, requests, self.block_inputs)
+            with torch.no_grad():
+                for name, p in self._trainable.items():
+                    p.copy_(self._originals[name].to(device=p.device, dtype=p.dtype))
+            yield
         finally:
-            for name, value in saved.items():
-                self._trainable[name].copy_(value)
+            with torch.no_grad():
+                for name, value in saved.items():
+                    self._trainable[name].copy_(value)
 
     @torch.no_grad()
-    def _fill_neighbour_keys(self, requests: list[EditRequest]) -> None:
-        """Read the neighbour keys of ``requests`` with the tuned tensors put back to their
-        originals for the pass, then the current values restored."""
-        modules = {}
-        for name in self._trainable:
-            layer, module = self._block_module(name)
-            modules[name] = self.model.get_submodule(f"{self.arch.layers}.{layer}.{module}")
-        saved = self.snapshot_trainable()
-        try:
-            for name, p in self._trainable.items():
-                p.copy_(self._originals[name].to(device=p.device, dtype=p.dtype))
-            with eval_mode(self.model):
-                self.neighbour_keys.fill(self.model, self.tokenizer, requests, modules)
-        finally:
-            for name, value in saved.items():
-                self._trainable[name].copy_(value)
+    def fill_neighbours(self, requests: list[EditRequest]) -> None:
+        """The unedited model's targets (``neighbour_kl``) and keys (``neighbour_keys``) on the
+        neighbours of those of ``requests`` not seen yet, read with the tuned tensors put back to
+        their originals for the pass. Call it before a step's forward pass: the pass changes the
+        tuned tensors in place, which a graph holding them cannot survive."""
+        kl = self.neighbours.missing(requests) if self.neighbours is not None else []
+        keys = self.neighbour_keys.missing(requests) if self.neighbour_keys is not None else []
+        if not (kl or keys):
+            return
+        with self._original_weights(), eval_mode(self.model):
+            if kl:
+                self.neighbours.fill(self.model, self.tokenizer, kl, self.block_inputs)
+            if keys:
+                modules = {}
+                for name in self._trainable:
+                    layer, module = self._block_module(name)
+                    modules[name] = self.model.get_submodule(f"{self.arch.layers}.{layer}.{module}")
+                self.neighbour_keys.fill(self.model, self.tokenizer, keys, modules)
 
-    def neighbour_key_loss(self, requests: list[EditRequest]) -> Optional[torch.Tensor]:
-        """Relative change of the tuned modules' outputs on the neighbour keys read so far
-        (``requests``' neighbours are read first if new)."""
-        missing = self.neighbour_keys.missing(requests)
-        if missing:
-            self._fill_neighbour_keys(missing)
+    def neighbour_key_loss(self) -> Optional[torch.Tensor]:
+        """Relative change of the tuned modules' outputs on the neighbour keys read so far."""
         weights = {name: (p.T if self.arch.conv1d else p) for name, p in self._trainable.items()}
         originals = {name: (w.T if self.arch.conv1d else w) for name, w in self._originals.items() if name in weights}
         return self.neighbour_keys.loss(weights, originals)
 
     def neighbour_loss(self, requests: list[EditRequest]) -> Optional[torch.Tensor]:
-        """Mean KL of the edited model from the unedited one on the neighbours of ``requests``."""
-        missing = self.neighbours.missing(requests)
-        if missing:
-            self._fill_neighbours(missing)
+        """Mean KL of the edited model from the unedited one on the neighbours of ``requests``
+        (filled by :meth:`fill_neighbours`)."""
         return self.neighbours.loss(self.model, self.tokenizer, requests, self.block_inputs)
 
     # ------------------------------------------------------------------ preservation
