@@ -289,6 +289,8 @@ def _number(value: Any) -> float:
 
 
 def _fmt(value: Any) -> str:
+    if (isinstance(value, int) and not isinstance(value, bool)) or (isinstance(value, str) and value.lstrip("-").isdigit()):
+        return str(int(value))  # a count or a key (block 0), not a measured figure
     try:
         v = float(value)
     except (TypeError, ValueError):
