@@ -12,9 +12,12 @@ generalization, locality agreement with the unedited model) and held-out perplex
 recommended location: the best harmonic mean of reliability, generalization and locality among
 locations whose perplexity rose by at most ``--ppl_tolerance``. The locality in that score is
 ``--score_locality``: teacher-forced token agreement with the unedited model
-(``token_accuracy``, the default when that protocol runs) or 32-token greedy-continuation
+(``token_accuracy``, the default when that protocol runs), 32-token greedy-continuation
 agreement (``generation``), which small models rarely keep exactly after any edit and so ranks
-poorly. Finished locations are appended to the CSV as they end; rerunning the same command
+poorly, or the share of the unedited model's neighbourhood score kept (``neighborhood``: the
+probability protocol's NS after the edits over NS before, at most 1; the figure to rank by
+where the locality prompts ask the edited relation about neighbouring subjects, which
+token agreement with the unedited model does not see as sharply). Finished locations are appended to the CSV as they end; rerunning the same command
 resumes the sweep. The unedited model's figures and reference are kept in ``unedited/`` beside
 the table (keyed by the model's weights, the requests and the evaluation settings), so rerunning a finished
 sweep to redraw it, or to rank it under another ``--ppl_tolerance``, evaluates nothing.
@@ -34,8 +37,25 @@ from lit_edit.study import Study, edit_score, protocol_label, reference_row, stu
 log = logging.getLogger("lit_edit.recipes.location_sweep")
 DEFAULTS = __file__.removesuffix(".py") + ".yaml"
 
-#: --score_locality choices: the evaluation protocol and the figure the score reads as locality.
-SCORE_LOCALITY = {"token_accuracy": "tok_acc/locality", "generation": "gen_em/locality_agreement"}
+#: --score_locality choices: the evaluation protocol they need and the figure the score reads as locality.
+SCORE_LOCALITY = {
+    "token_accuracy": ("token_accuracy", "tok_acc/locality"),
+    "generation": ("generation", "gen_em/locality_agreement"),
+    "neighborhood": ("probability", "prob/NS"),
+}
+#: The column of ``--score_locality neighborhood``: NS after the edits over NS before, at most 1.
+NS_KEPT = "ns_kept"
+
+
+def ns_kept(ns_after: object, ns_before: float) -> float:
+    """The share of the unedited neighbourhood score an edited model keeps, at most 1 (``nan`` if unknown)."""
+    try:
+        after = float(ns_after)
+    except (TypeError, ValueError):
+        return math.nan
+    if math.isnan(after) or not ns_before > 0:
+        return math.nan
+    return min(1.0, after / ns_before)
 
 
 def _arguments(parser) -> None:
@@ -46,7 +66,8 @@ def _arguments(parser) -> None:
         "--score_locality",
         type=str,
         default="auto",
-        help="Locality figure of the recommendation score: token_accuracy, generation, or auto (token_accuracy when that protocol runs).",
+        help="Locality figure of the recommendation score: token_accuracy, generation, neighborhood "
+        "(share of the unedited NS kept; needs the probability protocol), or auto (token_accuracy when that protocol runs).",
     )
     parser.set_defaults(out_dir="results/location_sweep")
 
@@ -61,8 +82,9 @@ def _check(parser, cfg) -> None:
         choice = "token_accuracy" if "token_accuracy" in protocols else "generation"
     if choice not in SCORE_LOCALITY:
         parser.error(f"--score_locality {choice!r}: choose {', '.join(SCORE_LOCALITY)} or auto")
-    if choice not in protocols:
-        parser.error(f"--score_locality {choice} needs the {choice!r} evaluation protocol; --eval.protocols is {list(protocols)}")
+    needed = SCORE_LOCALITY[choice][0]
+    if needed not in protocols:
+        parser.error(f"--score_locality {choice} needs the {needed!r} evaluation protocol; --eval.protocols is {list(protocols)}")
     cfg.score_locality = choice
 
 
@@ -79,15 +101,23 @@ def main(args: Optional[list[str]] = None) -> list[dict]:
     todo = [(m, layer) for m in cfg.modules for layer in layers if not table.done(module=m, layer=layer)]
     log.info("%d location(s) to run, %d already done", len(todo), len(table.rows))
     before = study.unedited(requests)  # cached: a pure redraw evaluates nothing
-    locality_figure = SCORE_LOCALITY[cfg.score_locality]
+    locality_figure = SCORE_LOCALITY[cfg.score_locality][1]
     ref = reference_row(before.figures)
-    locality_key = study_column(before.figures, locality_figure)  # its column in the table
-    ref[locality_key] = before.figures[locality_figure]
+    if cfg.score_locality == "neighborhood":
+        ns_before = before.figures[locality_figure]
+        locality_key = NS_KEPT
+        ref[locality_figure] = ns_before
+        ref[NS_KEPT] = ns_kept(ns_before, ns_before)
+    else:
+        locality_key = study_column(before.figures, locality_figure)  # its column in the table
+        ref[locality_key] = before.figures[locality_figure]
     for i, (module, layer) in enumerate(todo, 1):
         log.info("[%d/%d] LocFT-BF at %s of block %d", i, len(todo), module, layer)
         editor = study.editor(**location_mask(study.arch, module, layer))
         figures = study.fit_and_score(editor, requests, study.datamodule, before.reference)
         row = study_row(figures, module=module, layer=layer)
+        if locality_key == NS_KEPT:
+            row[NS_KEPT] = ns_kept(row.get(locality_figure), ns_before)
         row["score"] = edit_score(row, ref["perplexity"], cfg.ppl_tolerance, locality_key)
         table.add(row)
         log.info("  reliability %.3f generalization %.3f locality %.3f perplexity %.2f",
@@ -95,9 +125,13 @@ def main(args: Optional[list[str]] = None) -> list[dict]:
 
     rows = [r for r in table.rows if r["module"] in cfg.modules and int(r["layer"]) in layers]
     for r in rows:
+        if locality_key == NS_KEPT:
+            r[NS_KEPT] = ns_kept(r.get(locality_figure), ns_before)
         r["score"] = edit_score(r, ref["perplexity"], cfg.ppl_tolerance, locality_key)
     columns = ["module", "layer", "reliability", "generalization", "locality", "perplexity", "score", "edit_seconds", "optimizer_steps"]
-    if locality_key != "locality":
+    if locality_key == NS_KEPT:
+        columns[columns.index("locality") + 1:columns.index("locality") + 1] = [locality_figure, NS_KEPT]
+    elif locality_key != "locality":
         columns.insert(columns.index("locality") + 1, locality_key)
     title = (f"LocFT-BF tuning locations on {study.model_name}, {len(requests)} requests "
              f"(after-all, {protocol_label(study.evaluator)})")

@@ -417,3 +417,45 @@ def test_make_run_command_parses(capsys):
         recipe.main(args + ["--print_config"])
     assert e.value.code in (0, None)
     assert "overwrite: true" in capsys.readouterr().out
+
+
+def test_location_sweep_scores_the_share_of_ns_kept(tmp_path, tiny_dir, capsys):
+    locate = load_recipe("location_sweep")
+    out = tmp_path / "locate"
+    rows = locate.main([
+        f"--model.model={tiny_dir}",
+        "--model.lr=5e-2",
+        "--data.path=demo",
+        "--data.limit=4",
+        "--data.offset=0",
+        "--eval.protocols=[probability,token_accuracy,perplexity]",
+        "--eval.ppl_texts=2",
+        "--trainer.max_epochs=3",
+        "--trainer.accelerator=cpu",
+        "--trainer.enable_progress_bar=false",
+        "--layers=[0,1]",
+        "--modules=[mlp_down]",
+        "--score_locality=neighborhood",
+        f"--out_dir={out}",
+    ])
+    printed = capsys.readouterr().out
+    table = printed.split("Wrote")[0]
+    header = next(line for line in table.splitlines() if line.startswith("| module"))
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    unedited = next(line for line in table.splitlines() if line.startswith("| (unedited)"))
+    ref = dict(zip(columns, (c.strip() for c in unedited.strip("|").split("|"))))
+    ns_before, ppl_before = float(ref["prob/NS"]), float(ref["perplexity"])
+    assert float(ref["ns_kept"]) == 1.0
+    assert len(rows) == 2 and "| mlp_down | 0 |" in table  # block 0 printed as a key, not 0.000
+    for r in rows:
+        assert float(r["ns_kept"]) == pytest.approx(min(1.0, float(r["prob/NS"]) / ns_before))
+        assert float(r["score"]) == pytest.approx(locate.edit_score(r, ppl_before, 0.10, "ns_kept"))
+    assert "ns_kept" in printed.split("Wrote")[0] and "prob/NS" in printed.split("Wrote")[0]
+
+
+def test_ns_kept_is_the_share_of_the_unedited_score():
+    locate = load_recipe("location_sweep")
+    assert locate.ns_kept(30.0, 60.0) == 0.5
+    assert locate.ns_kept("45", 60.0) == 0.75  # a cell read back from the CSV
+    assert locate.ns_kept(70.0, 60.0) == 1.0  # at most 1
+    assert math.isnan(locate.ns_kept("", 60.0)) and math.isnan(locate.ns_kept(30.0, 0.0))
