@@ -25,7 +25,7 @@ from helpers import make_tiny_llama, write_corpus
 from lit_edit.data import EditDataModule, EditRequest, PromptAnswer
 from lit_edit.evaluation import Evaluator, RetentionCurve
 from lit_edit.evaluation.metrics import harmonic_mean
-from lit_edit.evaluation.retention import LEADING_COLUMNS, edit_view, locality_view
+from lit_edit.evaluation.retention import LEADING_COLUMNS, edit_view, locality_view, scored_sample
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -163,6 +163,60 @@ def test_rows_every_k_equal_an_evaluator_run_by_hand(tokenizer, tmp_path, cache)
     assert logged[-1]["retention/prob/ES"] == curve.rows[-1]["prob/ES"]
 
 
+def test_scored_sample_is_uniform_stable_and_fixed_by_the_requests():
+    """applied_limit's sample: all edits up to the limit; then the limit of lowest hash priority,
+    in applied order, the same for any copy of the requests; an edit leaves it only for a newer
+    one of lower priority; over many edits every position is drawn about equally."""
+    reqs = [EditRequest(prompt=f"p{i}", subject=f"s{i}", target_new="t", case_id=i) for i in range(400)]
+    assert scored_sample(reqs[:5], 8) == reqs[:5] and scored_sample(reqs[:5], None) == reqs[:5]
+    previous = scored_sample(reqs[:8], 8)
+    for n in range(9, 400):
+        now = scored_sample(reqs[:n], 8)
+        assert len(now) == 8 and [r.case_id for r in now] == sorted(r.case_id for r in now)
+        left = [r for r in previous if r not in now]
+        assert len(left) <= 1 and (not left or reqs[n - 1] in now)  # only the newest edit displaces one
+        previous = now
+    copies = [EditRequest(prompt=r.prompt, subject=r.subject, target_new=r.target_new, case_id=r.case_id) for r in reqs]
+    assert [r.case_id for r in scored_sample(copies, 50)] == [r.case_id for r in scored_sample(reqs, 50)]
+    halves = [sum(r.case_id < 200 for r in scored_sample(reqs, 100))]
+    assert 30 <= halves[0] <= 70  # a uniform draw of 100 from 400: about 50 from each half
+
+
+def test_applied_limit_rows_score_the_sample(tokenizer, tmp_path, cache):
+    """With applied_limit, each row's edit figures equal an Evaluator run by hand on the sample
+    (and edits_scored counts it); the first chunk is still all of the first ``every`` edits."""
+    requests = _requests(5)
+    editor = _rome(tokenizer)
+    settings = dict(batch_size=8, max_new_tokens=3, ppl_corpus=PPL_TEXTS, ppl_texts=2, ppl_max_length=32)
+    curve = RetentionCurve(every=2, protocols=["probability", "perplexity"], first_chunk=True, applied_limit=3,
+                           path=tmp_path / "curve.csv", plot=False, **settings)
+    hand = Evaluator(["probability"], **settings)
+    seen: list[tuple[int, dict[str, float]]] = []
+
+    class ByHand(L.Callback):
+        def on_edits_committed(self, trainer, module, committed):
+            if len(curve.applied) in (2, 4):
+                self.record(module)
+
+        def on_train_end(self, trainer, module):
+            self.record(module)
+
+        def record(self, module):
+            sample = scored_sample(curve.applied, 3)
+            figures = hand.evaluate(module.model, module.tokenizer, edit_view(sample)).figures
+            first = hand.evaluate(module.model, module.tokenizer, edit_view(curve.applied[:2])).figures
+            seen.append((len(sample), {"prob/ES": figures["prob/ES"], "prob/EM": figures["prob/EM"],
+                                       "first/prob/EM": first["prob/EM"]}))
+
+    _trainer([curve, ByHand()]).fit(editor, datamodule=EditDataModule(requests=requests, batch_size=1, shuffle=False))
+    rows = curve.rows[1:]
+    assert [r["edits_applied"] for r in rows] == [2, 4, 5]
+    assert [r["edits_scored"] for r in rows] == [2, 3, 3] == [n for n, _ in seen]
+    for row, (_, want) in zip(rows, seen):
+        assert {k: row[k] for k in want} == want
+    assert [int(r["edits_scored"]) for r in _read(tmp_path / "curve.csv")[1:]] == [2, 3, 3]
+
+
 def test_memit_batches_carry_condition_numbers(tokenizer, cache):
     """Sequential-batched MEMIT: rows name the strategy and batch size, and carry the last batch's
     condition number of λC + KKᵀ (``edit/cond_max``, the largest over the layers)."""
@@ -269,6 +323,8 @@ def test_bad_options_and_foreign_files_are_refused(tokenizer, tmp_path):
         RetentionCurve(path=tmp_path)
     with pytest.raises(ValueError, match="locality_limit must be >= 1"):
         RetentionCurve(locality_limit=0)
+    with pytest.raises(ValueError, match="applied_limit must be >= 1"):
+        RetentionCurve(applied_limit=0)
     foreign = tmp_path / "notes.csv"
     foreign.write_text("my,own\n1,2\n")
     editor = _rome(tokenizer)

@@ -5,7 +5,8 @@ Every ``every`` committed edits (an editor announces each batch or round it keep
 that moment and appends one row:
 
 * **all edits applied so far** (reliability, generalization: ``prob/ES``, ``tok_acc/reliability``,
-  ...), scored without their locality prompts;
+  ...), scored without their locality prompts; with ``applied_limit``, a fixed uniform sample of
+  at most that many of them (``edits_scored`` says how many a row scored);
 * optionally **the first chunk** (the first ``every`` edits) again, as ``first/<figure>``: what
   the run forgets;
 * a **fixed locality set** (``prob/NS``, ``tok_acc/locality``, ``gen_em/locality_agreement``, ...;
@@ -27,6 +28,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import hashlib
+import heapq
 import io
 import json
 import logging
@@ -105,6 +107,21 @@ def _key(r: EditRequest) -> Any:
     return r.case_id if r.case_id is not None else (r.prompt, r.target_new)
 
 
+def _priority(r: EditRequest) -> int:
+    """A request's place in the scored sample (lower first): a hash of its identity alone."""
+    ident = json.dumps(["case_id", r.case_id] if r.case_id is not None else [r.prompt, r.subject, r.target_new], default=str)
+    return int.from_bytes(hashlib.sha256(ident.encode()).digest()[:8], "big")
+
+
+def scored_sample(applied: Sequence[EditRequest], limit: Optional[int]) -> list[EditRequest]:
+    """The edits a row scores: all of ``applied``, or the ``limit`` of lowest :func:`_priority`
+    (a uniform sample fixed by the requests), in the order they were applied."""
+    if limit is None or len(applied) <= limit:
+        return list(applied)
+    keep = sorted(heapq.nsmallest(limit, range(len(applied)), key=lambda i: (_priority(applied[i]), i)))
+    return [applied[i] for i in keep]
+
+
 class RetentionCurve(L.Callback):
     """Score a sequential editing run every ``every`` committed edits; write a CSV and a plot.
 
@@ -115,6 +132,12 @@ class RetentionCurve(L.Callback):
         protocols: any of ``probability``, ``token_accuracy``, ``generation``, ``perplexity``,
             ``fluency`` and ``harness`` (default: the cheap teacher-forced ones and perplexity).
         first_chunk: also score the first ``every`` edits in each row (``first/<figure>``).
+        applied_limit: score at most this many of the edits applied so far in each row (``None``:
+            all of them). The sample is uniform and fixed by the requests alone: each edit gets a
+            hash-derived priority and a row scores the ``applied_limit`` applied edits of lowest
+            priority, so an edit stays in the sample until newer edits of lower priority push it
+            out, a resumed run scores the same sample, and a long run's rows cost a bounded
+            evaluation each instead of one that grows with every edit.
         locality: the fixed locality set: requests whose locality prompts every row scores (a
             list of :class:`EditRequest`, or a file or data set name readable by
             :func:`lit_edit.data.load_requests`); default: the run's own requests
@@ -145,6 +168,7 @@ class RetentionCurve(L.Callback):
         every: int = 100,
         protocols: Sequence[str] = ("probability", "token_accuracy", "perplexity"),
         first_chunk: bool = False,
+        applied_limit: Optional[int] = None,
         locality: Union[str, Sequence[EditRequest], None] = None,
         locality_limit: Optional[int] = 100,
         batch_size: int = 32,
@@ -161,6 +185,7 @@ class RetentionCurve(L.Callback):
     ):
         self.every = check_int("every", every, minimum=1)
         self.first_chunk = check_bool("first_chunk", first_chunk)
+        self.applied_limit = check_int("applied_limit", applied_limit, minimum=1, allow_none=True)
         self.locality_limit = check_int("locality_limit", locality_limit, minimum=1, allow_none=True)
         self.plot = check_bool("plot", plot)
         self.baseline = check_bool("baseline", baseline)
@@ -212,6 +237,7 @@ class RetentionCurve(L.Callback):
         return {
             "every": self.every,
             "first_chunk": self.first_chunk,
+            "applied_limit": self.applied_limit,
             "baseline": self.baseline,
             "protocols": self.evaluator.descriptions(),
             "locality": {"requests": len(self._locality), "sha256": digest},
@@ -412,18 +438,20 @@ class RetentionCurve(L.Callback):
 
     def figures(self, model: nn.Module, tokenizer: Any, applied: Sequence[EditRequest], rank: int = 0, world_size: int = 1) -> dict[str, float]:
         """The figures of one row for ``model`` after the edits ``applied``: the edits
-        (:func:`edit_view`), the first chunk, the fixed locality set against :attr:`reference`,
-        the perplexity set, and ``prob/S``."""
+        (:func:`edit_view`; the :func:`scored_sample` of ``applied_limit`` of them), the first
+        chunk, the fixed locality set against :attr:`reference`, the perplexity set, and ``prob/S``."""
         share = {"rank": rank, "world_size": world_size}
         out: dict[str, float] = {}
         edit_protocols = [p for p in self.evaluator.protocols if p in EDIT_PROTOCOLS]
         if edit_protocols and applied:
             scorer = self.evaluator.with_protocols(edit_protocols)
-            edits = scorer.evaluate(model, tokenizer, edit_view(applied), **share).figures
+            sample = scored_sample(applied, self.applied_limit)
+            out["edits_scored"] = len(sample)
+            edits = scorer.evaluate(model, tokenizer, edit_view(sample), **share).figures
             out.update({k: v for k, v in edits.items() if k not in LOCALITY_FIGURES and k != "prob/S"})
             if self.first_chunk:
                 chunk = list(applied[: self.every])
-                first = edits if len(chunk) == len(applied) else scorer.evaluate(model, tokenizer, edit_view(chunk), **share).figures
+                first = edits if chunk == sample else scorer.evaluate(model, tokenizer, edit_view(chunk), **share).figures
                 out.update({f"first/{k}": v for k, v in first.items() if k not in LOCALITY_FIGURES and k != "prob/S"})
         rest = [p for p in self.evaluator.protocols if p in MODEL_PROTOCOLS or (p in LOCALITY_PROTOCOLS and self._locality)]
         if rest:
