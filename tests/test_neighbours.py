@@ -384,3 +384,37 @@ def test_neighbour_keys_refuse_a_tensor_that_is_no_linear_weight_before_any_step
     with pytest.raises(ValueError, match="neighbour_keys need 2-D linear weights"):
         fit(ed, requests, epochs=1)
     assert all(torch.equal(p, before[n]) for n, p in tiny_llama.named_parameters())
+
+
+def _spill():
+    import importlib.util
+
+    from helpers import ROOT
+
+    spec = importlib.util.spec_from_file_location("locality_spill", ROOT / "benchmarks" / "locality_spill.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_locality_spill_groups_and_figures_match_hand_values():
+    spill = _spill()
+    prompt = "Who is the owner of Banavie railway station?"
+    subject = "Banavie railway station"
+    assert spill.classify(prompt, subject, "Who is the owner of Blanca railway station?") == "same template, shares a subject word"
+    assert spill.classify(prompt, subject, "Who is the owner of Blanca?") == "same template, no shared word"
+    assert spill.classify(prompt, subject, "Which company runs the station at Blanca?") == "other template, shares a subject word"
+    assert spill.classify(prompt, subject, "Where did Louis de Cormontaigne pass away?") == "other template, no shared word"
+    assert spill.classify(prompt, subject, prompt) == "same template, shares a subject word"  # the subject itself
+    # mean token NLLs of the answer and the new target, before and after, for three prompts
+    groups = ["same template, no shared word", "same template, no shared word", "other template, no shared word"]
+    answer_before, target_before = [1.0, 2.0, 3.0], [2.0, 1.0, 5.0]  # answer wins on prompts 0 and 2
+    answer_after, target_after = [1.5, 2.0, 1.0], [1.0, 0.5, 2.0]  # only prompt 2 still wins
+    got = spill.summarize(groups, answer_before, target_before, answer_after, target_after)
+    same = got["same template, no shared word"]
+    assert same["prompts"] == 2 and same["NS_before"] == 50.0 and same["NS_after"] == 0.0
+    assert same["margin_drop"] == pytest.approx(((1.0 - -0.5) + (-1.0 - -1.5)) / 2)  # (t0 - a0) - (t1 - a1)
+    assert same["target_rise"] == pytest.approx((1.0 + 0.5) / 2)
+    assert got["all"]["NS_before"] == pytest.approx(200 / 3) and got["all"]["NS_after"] == pytest.approx(100 / 3)
+    assert "same template, shares a subject word" not in got  # empty groups are left out
+    assert "| all | 3 | 66.7 → 33.3 |" in spill.table(got)
