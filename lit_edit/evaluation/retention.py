@@ -63,6 +63,7 @@ __all__ = [
     "RetentionCurve",
     "edit_view",
     "locality_view",
+    "scored_sample",
 ]
 
 RETENTION_TIMING = "retention"
