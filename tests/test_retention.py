@@ -87,6 +87,23 @@ class _Logger(L.pytorch.loggers.Logger):
         self.calls.append(dict(metrics))
 
 
+class _RecordAt(L.Callback):
+    """Calls ``record(module)`` when ``curve`` has 2 and 4 edits applied and at the end of training."""
+
+    def __init__(self, curve):
+        self.curve = curve
+
+    def on_edits_committed(self, trainer, module, committed):
+        if len(self.curve.applied) in (2, 4):
+            self.record(module)
+
+    def on_train_end(self, trainer, module):
+        self.record(module)
+
+    def record(self, module):
+        raise NotImplementedError
+
+
 def test_rows_every_k_equal_an_evaluator_run_by_hand(tokenizer, tmp_path, cache):
     """Rows at 0, 2, 4 and a last one at 5 edits; every figure (edits so far, first chunk, fixed
     locality set, perplexity, S) equals an Evaluator run by hand at the same moment, the
@@ -101,19 +118,12 @@ def test_rows_every_k_equal_an_evaluator_run_by_hand(tokenizer, tmp_path, cache)
     hand = Evaluator(protocols, **settings)
     seen: list[tuple[int, dict[str, float], float]] = []
 
-    class ByHand(L.Callback):  # runs after the curve's hooks (callbacks are called in order)
+    class ByHand(_RecordAt):  # runs after the curve's hooks (callbacks are called in order)
         reference = None
 
         def on_train_start(self, trainer, module):
             loc = hand.with_protocols(["probability", "token_accuracy", "generation"])
             self.reference = loc.evaluate(module.model, module.tokenizer, locality_view(requests)).reference
-
-        def on_edits_committed(self, trainer, module, committed):
-            if len(curve.applied) in (2, 4):
-                self.record(module)
-
-        def on_train_end(self, trainer, module):
-            self.record(module)
 
         def record(self, module):
             applied = list(curve.applied)
@@ -135,7 +145,7 @@ def test_rows_every_k_equal_an_evaluator_run_by_hand(tokenizer, tmp_path, cache)
             seen.append((len(applied), want, norm))
 
     logger = _Logger()
-    trainer = _trainer([curve, ByHand()], logger=logger)
+    trainer = _trainer([curve, ByHand(curve)], logger=logger)
     trainer.fit(editor, datamodule=EditDataModule(requests=requests, batch_size=1, shuffle=False))
 
     assert [r["edits_applied"] for r in curve.rows] == [0, 2, 4, 5]
@@ -193,14 +203,7 @@ def test_applied_limit_rows_score_the_sample(tokenizer, tmp_path, cache):
     hand = Evaluator(["probability"], **settings)
     seen: list[tuple[int, dict[str, float]]] = []
 
-    class ByHand(L.Callback):
-        def on_edits_committed(self, trainer, module, committed):
-            if len(curve.applied) in (2, 4):
-                self.record(module)
-
-        def on_train_end(self, trainer, module):
-            self.record(module)
-
+    class ByHand(_RecordAt):
         def record(self, module):
             sample = scored_sample(curve.applied, 3)
             figures = hand.evaluate(module.model, module.tokenizer, edit_view(sample)).figures
@@ -208,7 +211,7 @@ def test_applied_limit_rows_score_the_sample(tokenizer, tmp_path, cache):
             seen.append((len(sample), {"prob/ES": figures["prob/ES"], "prob/EM": figures["prob/EM"],
                                        "first/prob/EM": first["prob/EM"]}))
 
-    _trainer([curve, ByHand()]).fit(editor, datamodule=EditDataModule(requests=requests, batch_size=1, shuffle=False))
+    _trainer([curve, ByHand(curve)]).fit(editor, datamodule=EditDataModule(requests=requests, batch_size=1, shuffle=False))
     rows = curve.rows[1:]
     assert [r["edits_applied"] for r in rows] == [2, 4, 5]
     assert [r["edits_scored"] for r in rows] == [2, 3, 3] == [n for n, _ in seen]
