@@ -19,7 +19,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -42,6 +42,8 @@ def ft_loss(
     append_eos: bool = True,
     block_inputs: Optional[BlockInputCache] = None,
     group_by_length: bool = False,
+    write_spans: Optional[Sequence[Optional[Sequence[tuple[int, Optional[int]]]]]] = None,
+    write_modules: Sequence[nn.Module] = (),
 ) -> torch.Tensor:
     """Per-request loss, shape ``(B,)``: FT-M (target tokens teacher forced) or FT-L.
 
@@ -52,21 +54,41 @@ def ft_loss(
     each row's loss does not depend on the rest of its batch (right padding, its own positions),
     so the losses are the same either way, up to float rounding, and one backward through their
     mean gives the gradient of the whole batch.
+
+    ``write_spans`` (per request a few ``[start, end)`` token ranges of its row, ``end`` ``None``
+    for the row's end, or ``None`` for every position) with ``write_modules`` restricts where the
+    edit is written: the forward pass is unchanged, but the outputs of ``write_modules`` outside
+    each row's ranges are cut from the backward pass, so the gradient of those modules' weights
+    comes from those positions only
+    (e.g. the subject's tokens: the edit then reaches the answer through what the model reads
+    from the subject, as the locate-and-edit methods write it, not through the question's words
+    that every subject asked the same question shares).
     """
     if kind not in ("ft_m", "ft_l"):
         raise ValueError(f"unknown loss {kind!r}; use 'ft_m' or 'ft_l'")
     device = next(model.parameters()).device
     enc = encode_pairs(tokenizer, [r.prompt for r in requests], [r.target_new for r in requests], append_eos)
+    if write_spans is not None:
+        if len(write_spans) != len(requests):
+            raise ValueError(f"{len(write_spans)} write spans for {len(requests)} requests")
+        keep = torch.zeros_like(enc["attention_mask"], dtype=torch.bool)
+        for b, spans in enumerate(write_spans):
+            if spans is None:
+                keep[b] = True
+                continue
+            for start, end in spans:
+                keep[b, start:end] = True
+        enc["write"] = keep
     lengths = enc["attention_mask"].sum(1).tolist()
     groups = length_groups(lengths, group_overhead(device)) if group_by_length else [list(range(len(requests)))]
     if len(groups) == 1:
-        return _rows_loss(model, enc, kind, block_inputs, device)
+        return _rows_loss(model, enc, kind, block_inputs, device, write_modules)
     out = None
     for rows in groups:
         index = torch.tensor(rows, dtype=torch.long)
         width = max(lengths[i] for i in rows)
         part = {k: (v[index, :width] if v.dim() == 2 else v[index]) for k, v in enc.items()}
-        loss = _rows_loss(model, part, kind, block_inputs, device)
+        loss = _rows_loss(model, part, kind, block_inputs, device, write_modules)
         out = loss.new_zeros(len(requests)) if out is None else out
         out = out.index_copy(0, index.to(device), loss)
     return out
@@ -113,9 +135,13 @@ def length_groups(lengths: list[int], overhead: int = 32) -> list[list[int]]:
 
 
 def _rows_loss(
-    model: nn.Module, enc: dict[str, torch.Tensor], kind: str, block_inputs: Optional[BlockInputCache], device
+    model: nn.Module, enc: dict[str, torch.Tensor], kind: str, block_inputs: Optional[BlockInputCache], device,
+    write_modules: Sequence[nn.Module] = (),
 ) -> torch.Tensor:
     """:func:`ft_loss` of one right-padded batch (the output of ``encode_pairs``)."""
+    if "write" in enc and write_modules:
+        with _write_only(write_modules, enc["write"].to(device)):
+            return _rows_loss(model, {k: v for k, v in enc.items() if k != "write"}, kind, block_inputs, device)
     input_ids = enc["input_ids"].to(device)
     attn = enc["attention_mask"].to(device)
     labels = enc["labels"].to(device)
@@ -139,6 +165,24 @@ def _rows_loss(
     mask = labels != IGNORE_INDEX
     nll = -prompt_logits.gather(1, labels.clamp_min(0)) * mask
     return nll.sum(1) / mask.sum(1).clamp_min(1)
+
+
+@contextmanager
+def _write_only(modules: Sequence[nn.Module], keep: torch.Tensor) -> Iterator[None]:
+    """Cut ``modules``' outputs at the positions where ``keep`` (``(B, T)``) is false from the
+    backward pass; their values are unchanged."""
+
+    def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+        if out.dim() != 3 or out.shape[:2] != keep.shape[:2]:
+            raise RuntimeError(f"write positions of shape {tuple(keep.shape)} do not fit an output of shape {tuple(out.shape)}")
+        return torch.where(keep[..., None], out, out.detach())
+
+    handles = [m.register_forward_hook(hook) for m in modules]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 class _Skip(nn.Module):

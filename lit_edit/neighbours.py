@@ -22,6 +22,10 @@ distributions coarsened to those ``top + 1`` outcomes (a lower bound of the full
 exactly when the coarsened distributions agree): ``requests × prompts × tokens × (top + 1)``
 numbers instead of a vocabulary-sized row per position (``on_target`` adds the target's length
 in positions per prompt).
+
+:class:`NeighbourRise` holds, on the same prompts, only the new target's mean token
+log-probability to the unedited model's (a hinge on its rise), and :class:`NeighbourKeys` the
+tuned modules' outputs on the prompts' keys.
 """
 
 from __future__ import annotations
@@ -41,12 +45,13 @@ from lit_edit.closed_form.hooks import StopForward, run_until_stopped
 from lit_edit.closed_form.tokens import fact_token_index
 from lit_edit.data.request import EditRequest
 from lit_edit.data.tokenize import encode_prompt, encode_target, pad_rows
-from lit_edit.losses import PreservationTerm, preservation_loss
+from lit_edit.losses import PreservationTerm, ft_loss, preservation_loss
 from lit_edit.models import logits_at
 
 __all__ = [
     "CHOICES",
     "NeighbourKeys",
+    "NeighbourRise",
     "NeighbourTargets",
     "RelationNeighbours",
     "SubjectIndex",
@@ -377,6 +382,62 @@ class RelationNeighbours:
         if not targets:
             return None
         return neighbour_kl(model, tokenizer, targets, block_inputs)
+
+
+class NeighbourRise:
+    """The new target's rise after the neighbour prompts, held down, filled lazily during a fit.
+
+    For each request and each of its neighbour prompts (``neighbours``: the same prompts, choice
+    and subjects as the KL term), the unedited model's mean token NLL of the request's *new*
+    target teacher forced after the neighbour prompt, ``n₀``, is read once, the first time a fit
+    sees the request (call :meth:`fill` with the tuned tensors put back to their originals); the
+    term is then
+
+        mean over the mini-batch's neighbour prompts of  max(0, n₀ − n_θ)
+
+    the rise of the new target's mean token log-probability for the other subjects, in nats per
+    token, counted only where it rose. It is what the neighbourhood score reads (the new target
+    against the neighbour's own answer, teacher forced) and nothing else: the rest of the
+    neighbours' distributions are free, so an edit that also teaches the answer's format (a
+    short answer after a question) is not held back by it. One extra forward and backward per
+    step over the neighbour prompts of the mini-batch's requests, from the cached block inputs
+    when the fit keeps them.
+    """
+
+    def __init__(self, neighbours: RelationNeighbours):
+        self.neighbours = neighbours
+        self._rows: dict[tuple, Optional[tuple[list[EditRequest], torch.Tensor]]] = {}
+
+    def __len__(self) -> int:
+        """Requests with neighbour prompts read so far."""
+        return sum(v is not None for v in self._rows.values())
+
+    def missing(self, requests: Sequence[EditRequest]) -> list[EditRequest]:
+        """Requests of ``requests`` not read yet (once each)."""
+        return _unseen(requests, self._rows)
+
+    @torch.no_grad()
+    def fill(self, model: nn.Module, tokenizer: Any, requests: Sequence[EditRequest], block_inputs: Any = None) -> None:
+        """Read ``n₀`` for ``requests`` under ``model`` as it is now (call with the unedited weights)."""
+        for r in requests:
+            prompts = self.neighbours.prompts_for(model, tokenizer, r)
+            if not prompts:
+                self._rows[_request_key(r)] = None
+                continue
+            rows = [EditRequest(prompt=p, target_new=r.target_new, case_id=r.case_id) for p in prompts]
+            nll = ft_loss(model, tokenizer, rows, "ft_m", append_eos=False, block_inputs=block_inputs, group_by_length=True)
+            self._rows[_request_key(r)] = (rows, nll.detach().float())
+
+    def loss(self, model: nn.Module, tokenizer: Any, requests: Sequence[EditRequest], block_inputs: Any = None) -> Optional[torch.Tensor]:
+        """The mean hinge over the neighbours of ``requests`` (``None`` when none of them has any)."""
+        got = [self._rows.get(_request_key(r)) for r in requests]
+        got = [g for g in got if g is not None]
+        if not got:
+            return None
+        rows = [row for g in got for row in g[0]]
+        nll = ft_loss(model, tokenizer, rows, "ft_m", append_eos=False, block_inputs=block_inputs, group_by_length=True)
+        before = torch.cat([g[1] for g in got]).to(device=nll.device, dtype=nll.dtype)
+        return torch.relu(before - nll).mean()
 
 
 class NeighbourKeys:

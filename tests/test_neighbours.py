@@ -156,6 +156,8 @@ def test_neighbour_targets_come_from_the_unedited_weights(tiny_llama, tokenizer,
     [
         ({"neighbour_kl": -1.0}, ValueError, "neighbour_kl must be >= 0"),
         ({"neighbour_kl": 1.0, "lora_rank": 4}, ValueError, "neighbour_kl .* lora_rank"),
+        ({"neighbour_rise": -1.0}, ValueError, "neighbour_rise must be >= 0"),
+        ({"neighbour_rise": 1.0, "lora_rank": 4}, ValueError, "neighbour_rise .* lora_rank"),
         ({"neighbour_keys": -1.0}, ValueError, "neighbour_keys must be >= 0"),
         ({"neighbour_keys": 1.0, "lora_rank": 4}, ValueError, "neighbour_keys .* lora_rank"),
         ({"neighbour_keys_own": True}, ValueError, "neighbour_keys_own must be one of"),
@@ -218,6 +220,54 @@ def test_neighbour_target_keeps_the_distributions_along_the_new_answer(tokenizer
         assert (ed.edit_loss(requests).detach() < loss0 - 0.2).all()  # the edits are still learned
         drift[on_target] = float(neighbour_kl(model, tokenizer, along).detach())
     assert drift[True] < 0.7 * drift[False], drift
+
+
+# --------------------------------------------------------------------------- the target-rise term
+
+
+def target_nll(model, tok, prompt, target):
+    """Mean token NLL of `` target`` teacher forced after ``prompt``, by hand."""
+    p = tok(prompt)["input_ids"]
+    t = tok(" " + target, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logp = model(input_ids=torch.tensor([p + t])).logits[0].float().log_softmax(-1)
+    return -sum(float(logp[len(p) + i - 1, tok_id]) for i, tok_id in enumerate(t)) / len(t)
+
+
+def test_neighbour_rise_is_the_hinge_of_the_new_target_over_the_unedited_model(tiny_llama, tokenizer, requests):
+    from lit_edit.neighbours import NeighbourRise
+
+    rise = NeighbourRise(RelationNeighbours(OTHERS, 3, 1))
+    assert rise.missing(requests) == requests
+    rise.fill(tiny_llama, tokenizer, requests)
+    assert rise.missing(requests) == [] and len(rise) == 3
+    before = {(r.case_id, p): target_nll(tiny_llama, tokenizer, p, r.target_new)
+              for r in requests for p in relation_prompts(r, OTHERS, 3, seed=0)}
+    assert float(rise.loss(tiny_llama, tokenizer, requests)) == pytest.approx(0.0, abs=1e-5)
+    with torch.no_grad():
+        w = dict(tiny_llama.named_parameters())[DOWN1]
+        torch.manual_seed(0)
+        w.add_(0.5 * torch.randn_like(w))
+    hinge = [max(0.0, b - target_nll(tiny_llama, tokenizer, p, r)) for (r, p), b in
+             (((next(q.target_new for q in requests if q.case_id == c), p), b) for (c, p), b in before.items())]
+    assert 0 < sum(h > 0 for h in hinge) < len(hinge)  # some rose, some fell: only the rises count
+    assert float(rise.loss(tiny_llama, tokenizer, requests)) == pytest.approx(sum(hinge) / len(hinge), rel=1e-4, abs=1e-6)
+    assert rise.loss(tiny_llama, tokenizer, [EditRequest(prompt="Apple was founded by", target_new="X")]) is None
+
+
+def test_neighbour_rise_holds_the_new_target_down_for_other_subjects(tokenizer, requests, subjects_file):
+    probes = [(p, r.target_new) for r in requests for p in relation_prompts(r, OTHERS, 4, seed=0)]
+    rose = {}
+    for weight in (0.0, 1.0):
+        model = make_tiny_llama(len(tokenizer))
+        before = [target_nll(model, tokenizer, p, t) for p, t in probes]
+        ed = editor(model, tokenizer, neighbour_rise=weight, neighbour_subjects=subjects_file)
+        loss0 = ed.edit_loss(requests).detach()
+        fit(ed, requests, epochs=10)
+        assert (ed.edit_loss(requests).detach() < loss0 - 0.2).all()  # the edits are still learned
+        assert (ed.neighbour_rise is None) == (weight == 0.0)
+        rose[weight] = sum(b - target_nll(model, tokenizer, p, t) for (p, t), b in zip(probes, before)) / len(probes)
+    assert rose[0.0] > 0.5 and rose[1.0] < 0.3 * rose[0.0], rose
 
 
 # --------------------------------------------------------------------------- key-level neighbour term
@@ -303,7 +353,7 @@ def test_neighbour_keys_are_read_from_the_unedited_weights(tiny_llama, tokenizer
     assert torch.allclose(ed.neighbour_keys._sums[DOWN1], expected._sums[DOWN1], rtol=1e-6, atol=1e-8)
 
 
-@pytest.mark.parametrize("term", ["neighbour_kl", "neighbour_keys"])
+@pytest.mark.parametrize("term", ["neighbour_kl", "neighbour_keys", "neighbour_rise"])
 def test_neighbour_terms_fit_with_tuned_blocks_that_feed_each_other(tokenizer, requests, subjects_file, term):
     """With blocks 0 and 1 tuned, block 1's weight is saved for the backward pass: reading a new
     request's neighbours (original weights put back for a moment) must not happen while the

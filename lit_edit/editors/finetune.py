@@ -40,7 +40,11 @@ edit loss alone still decides ``min_loss`` skips and early stopping.
 ``neighbour_kl`` (off by default) adds the relation-neighbour term of :mod:`lit_edit.neighbours`:
 each request's prompt with its subject replaced by other subjects, where the edited model's
 next-token distributions must stay those of the unedited model (KL), so that an edit learns the
-fact rather than the relation. ``LocFTBF(extend_epochs=X)`` lets a fit run up to X epochs past
+fact rather than the relation; ``neighbour_rise`` holds down, on the same prompts, the rise of the
+request's new target alone (what the neighbourhood score compares). ``write_positions`` (``all``
+by default) can restrict where the edit loss's gradient reaches the tuned modules to the
+subject's tokens (``subject``, ``subject_answer``, ``fact_token``), as the locate-and-edit methods
+write. ``LocFTBF(extend_epochs=X)`` lets a fit run up to X epochs past
 ``max_epochs`` while its epoch loss still falls.
 
 ``cache_block_inputs`` (on by default): the blocks below the lowest tuned block are frozen and
@@ -68,20 +72,26 @@ import torch
 from torch import nn
 from typing_extensions import override
 
+from lit_edit.closed_form.tokens import fact_token_index, subject_span
 from lit_edit.config_hub import hub_defaults, hub_settings
-from lit_edit.data.request import EditRequest
+from lit_edit.data.chat import prompt_format
+from lit_edit.data.request import EditRequest, RecordError
+from lit_edit.data.tokenize import encode_prompt
 from lit_edit.distributed import all_reduce_sum, rank_and_world_size
 from lit_edit.editors.base import Editor
 from lit_edit.guards import DEFAULT_MAX_UPDATE_RATIO, UpdateGuard
 from lit_edit.losses import BlockInputCache, PreservationTerm, ft_loss, preservation_loss
 from lit_edit.masks import ElementMaskHook, check_layers, resolve_mask
 from lit_edit.models import eval_mode
-from lit_edit.neighbours import CHOICES, NeighbourKeys, RelationNeighbours, check_subjects_source
+from lit_edit.neighbours import CHOICES, NeighbourKeys, NeighbourRise, RelationNeighbours, check_subjects_source
 from lit_edit.options import check_bool, check_int, check_real, check_str
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DepthFirstFT", "FineTuneEditor", "LocFTBF"]
+__all__ = ["DepthFirstFT", "FineTuneEditor", "LocFTBF", "WRITE_POSITIONS", "write_spans"]
+
+#: Where the edit loss's gradient may reach the tuned modules (``FineTuneEditor(write_positions=...)``).
+WRITE_POSITIONS = ("all", "subject", "subject_answer", "fact_token")
 
 
 def _check_options(**o: Any) -> None:
@@ -122,6 +132,10 @@ def _check_options(**o: Any) -> None:
     if o["neighbour_kl"] > 0 and o["lora_rank"] is not None:
         raise ValueError("neighbour_kl computes the unedited model's outputs with the tuned tensors put back; it cannot be "
                          "combined with lora_rank")
+    check_real("neighbour_rise", o["neighbour_rise"], minimum=0)
+    if o["neighbour_rise"] > 0 and o["lora_rank"] is not None:
+        raise ValueError("neighbour_rise reads the unedited model's scores with the tuned tensors put back; it cannot be "
+                         "combined with lora_rank")
     check_real("neighbour_keys", o["neighbour_keys"], minimum=0)
     if o["neighbour_keys"] > 0 and o["lora_rank"] is not None:
         raise ValueError("neighbour_keys penalises the change of tuned weights; it cannot be combined with lora_rank")
@@ -135,6 +149,8 @@ def _check_options(**o: Any) -> None:
         raise ValueError(f"neighbour_choice must be one of {list(CHOICES)}, got {o['neighbour_choice']!r}")
     check_bool("cache_block_inputs", o["cache_block_inputs"])
     check_bool("group_by_length", o["group_by_length"])
+    if o["write_positions"] not in WRITE_POSITIONS:
+        raise ValueError(f"write_positions must be one of {list(WRITE_POSITIONS)}, got {o['write_positions']!r}")
 
 
 class FineTuneEditor(Editor):
@@ -172,6 +188,11 @@ class FineTuneEditor(Editor):
             and the KL divergence of the edited model's next-token distributions there from the
             unedited model's, added to the loss; 0 = off. Requests without a subject in their
             prompt get no neighbours. Not combined with ``lora_rank``.
+        neighbour_rise: weight of the target-rise term (:class:`~lit_edit.neighbours.NeighbourRise`):
+            on the same neighbour prompts, the rise of the request's new target's mean token
+            log-probability over the unedited model's, counted where it rose, added to the loss;
+            0 = off. One extra forward and backward per step over the neighbour prompts. Not
+            combined with ``lora_rank``.
         neighbour_keys: weight of the key-level relation-neighbour term
             (:class:`~lit_edit.neighbours.NeighbourKeys`): the relative squared change of each
             tuned linear module's outputs on its inputs over the neighbour prompts (the same
@@ -209,6 +230,16 @@ class FineTuneEditor(Editor):
             (less padding; :func:`~lit_edit.losses.length_groups`). The per-request losses and
             the mini-batch's gradient are the same up to float rounding; ``False`` pads the
             whole mini-batch to its longest request.
+        write_positions: where the edit loss's gradient reaches the tuned modules. ``all`` (the
+            published method): every position of prompt and target. ``subject``: the subject's
+            tokens in the prompt only; ``subject_answer``: those and the answer's own positions
+            (where the model continues the answer and learns to stop after it), not the
+            question's other words; ``fact_token``: the subject's last token only. The forward
+            pass is the same; the outputs of the tuned modules elsewhere are cut from the edit
+            loss's backward pass (:func:`~lit_edit.losses.ft_loss`), so the edit is written
+            where the model reads the subject and carried to the answer by the blocks above,
+            rather than at the question's words, which every subject asked the same question
+            shares. Every request needs a subject that occurs in its prompt.
 
     Float16 weights keep Adam's state in float16, where ε below 6.1e-5 underflows and the step
     becomes NaN: with float16 tensors to tune, ``adam_eps`` must be at least that (else an error
@@ -237,6 +268,7 @@ class FineTuneEditor(Editor):
         preservation_texts: int = 1000,
         preservation_corpus: str = "wiki:train",
         neighbour_kl: float = 0.0,
+        neighbour_rise: float = 0.0,
         neighbour_keys: float = 0.0,
         neighbour_keys_own: Literal["none", "subject", "fact_token"] = "none",
         neighbour_prompts: int = 4,
@@ -249,15 +281,16 @@ class FineTuneEditor(Editor):
         chat_template: Literal["auto", "never", "always"] = "never",
         cache_block_inputs: bool = True,
         group_by_length: bool = True,
+        write_positions: Literal["all", "subject", "subject_answer", "fact_token"] = "all",
     ):
         _check_options(
             target_modules=target_modules, layers_to_transform=layers_to_transform, lr=lr, loss=loss, append_eos=append_eos,
             min_loss=min_loss, adam_eps=adam_eps, linf_eps=linf_eps, lora_rank=lora_rank, lora_alpha=lora_alpha,
             preservation=preservation, preservation_texts=preservation_texts, preservation_corpus=preservation_corpus,
-            neighbour_kl=neighbour_kl, neighbour_keys=neighbour_keys, neighbour_keys_own=neighbour_keys_own,
+            neighbour_kl=neighbour_kl, neighbour_rise=neighbour_rise, neighbour_keys=neighbour_keys, neighbour_keys_own=neighbour_keys_own,
             neighbour_prompts=neighbour_prompts, neighbour_tokens=neighbour_tokens,
             neighbour_subjects=neighbour_subjects, neighbour_target=neighbour_target, neighbour_choice=neighbour_choice,
-            cache_block_inputs=cache_block_inputs, group_by_length=group_by_length,
+            cache_block_inputs=cache_block_inputs, group_by_length=group_by_length, write_positions=write_positions,
         )  # before the model is loaded
         guard = UpdateGuard(max_update_ratio, on_bad_update)
         super().__init__(model, tokenizer, dtype, target_modules, layers_to_transform, layers_pattern, exclude_modules,
@@ -281,6 +314,8 @@ class FineTuneEditor(Editor):
         self.block_inputs: Optional[BlockInputCache] = None
         #: Relation-neighbour prompts and their unedited targets (``None`` when ``neighbour_kl`` is 0).
         self.neighbours: Optional[RelationNeighbours] = None
+        #: The new target's unedited scores after the neighbour prompts (``None`` when ``neighbour_rise`` is 0).
+        self.neighbour_rise: Optional[NeighbourRise] = None
         #: Second moments of the tuned modules' inputs on the neighbour prompts (``None`` when ``neighbour_keys`` is 0).
         self.neighbour_keys: Optional[NeighbourKeys] = None
 
@@ -464,11 +499,34 @@ class FineTuneEditor(Editor):
         self.check_adam_dtype(params)
         return torch.optim.Adam(params, lr=self.learning_rate, eps=self.hparams["adam_eps"], weight_decay=0.0)
 
+    def check_write_positions(self) -> None:
+        """With ``write_positions`` other than ``all``, refuse before any work a tuned tensor that
+        is no weight of a module inside a block below the last one (there the subject's
+        positions have no path to the answer's), and LoRA adapters."""
+        where = self.hparams.get("write_positions", "all")
+        if where == "all":
+            return
+        if self.hparams.get("lora_rank"):
+            raise ValueError(f"write_positions={where!r} restricts the tuned modules' own outputs; it cannot be combined with lora_rank")
+        prefix = f"{self.arch.layers}."
+        for name in self.prepare_for_editing():
+            index = name[len(prefix):].split(".", 1)[0] if name.startswith(prefix) else ""
+            if not index.isdigit() or int(index) >= self.num_layers - 1:
+                raise ValueError(
+                    f"write_positions={where!r} writes the edit through the subject's positions, which reach the answer "
+                    f"only through the blocks above; {name!r} is not in a block below the last one (block {self.num_layers - 1})"
+                )
+
     def edit_loss(self, requests: list[EditRequest]) -> torch.Tensor:
         """Per-request loss under this editor's settings (shape ``(B,)``)."""
+        where = self.hparams.get("write_positions", "all")
+        spans, modules = None, ()
+        if where != "all":
+            spans = [write_spans(self.tokenizer, r, where) for r in requests]
+            modules = [self.model.get_submodule(name.rsplit(".", 1)[0]) for name in self._trainable]
         return ft_loss(
             self.model, self.tokenizer, requests, self.hparams["loss"], self.hparams["append_eos"], self.block_inputs,
-            group_by_length=self.hparams.get("group_by_length", True),
+            group_by_length=self.hparams.get("group_by_length", True), write_spans=spans, write_modules=modules,
         )
 
     def block_input_layer(self) -> tuple[Optional[int], str]:
@@ -534,6 +592,11 @@ class FineTuneEditor(Editor):
             if kl is not None:
                 self.log("train/neighbour_kl", kl.detach(), on_step=True, on_epoch=False, batch_size=len(requests))
                 total = total + float(self.hparams["neighbour_kl"]) * kl
+        if self.neighbour_rise is not None:
+            rise = self.neighbour_rise.loss(self.model, self.tokenizer, requests, self.block_inputs)
+            if rise is not None:
+                self.log("train/neighbour_rise", rise.detach(), on_step=True, on_epoch=False, batch_size=len(requests))
+                total = total + float(self.hparams["neighbour_rise"]) * rise
         if self.neighbour_keys is not None:
             change = self.neighbour_key_loss()
             if change is not None:
@@ -546,9 +609,10 @@ class FineTuneEditor(Editor):
     def prepare_neighbours(self) -> None:
         """Load the candidate subjects when ``neighbour_kl`` or ``neighbour_keys`` > 0 (the
         targets and keys are filled lazily)."""
-        self.neighbours, self.neighbour_keys = None, None
+        self.neighbours, self.neighbour_keys, self.neighbour_rise = None, None, None
         use_kl, use_keys = bool(self.hparams.get("neighbour_kl")), bool(self.hparams.get("neighbour_keys"))
-        if not (use_kl or use_keys):
+        use_rise = bool(self.hparams.get("neighbour_rise"))
+        if not (use_kl or use_keys or use_rise):
             return
         from lit_edit.neighbours import load_subjects
 
@@ -562,6 +626,10 @@ class FineTuneEditor(Editor):
             log.info("relation-neighbour term: %d prompts per request, %d token(s) each, %s subjects from %s (%d)",
                      neighbours.prompts, neighbours.tokens, choice, self.hparams["neighbour_subjects"],
                      len(neighbours.subjects))
+        if use_rise:
+            self.neighbour_rise = NeighbourRise(neighbours)
+            log.info("target-rise term: %d prompts per request, %s subjects from %s (%d)",
+                     neighbours.prompts, choice, self.hparams["neighbour_subjects"], len(neighbours.subjects))
         if use_keys:
             for name in self._trainable:
                 self._block_module(name)  # a clear error before any work for a tensor that is no linear weight
@@ -594,11 +662,14 @@ class FineTuneEditor(Editor):
         tuned tensors in place, which a graph holding them cannot survive."""
         kl = self.neighbours.missing(requests) if self.neighbours is not None else []
         keys = self.neighbour_keys.missing(requests) if self.neighbour_keys is not None else []
-        if not (kl or keys):
+        rise = self.neighbour_rise.missing(requests) if self.neighbour_rise is not None else []
+        if not (kl or keys or rise):
             return
         with self._original_weights(), eval_mode(self.model):
             if kl:
                 self.neighbours.fill(self.model, self.tokenizer, kl, self.block_inputs)
+            if rise:
+                self.neighbour_rise.fill(self.model, self.tokenizer, rise, self.block_inputs)
             if keys:
                 modules = {}
                 for name in self._trainable:
@@ -670,6 +741,7 @@ class FineTuneEditor(Editor):
             self.touch(list(self._trainable))  # again after a restore(): the guard and save_edit need W₀
         self.match_originals_dtype()
         self._w0 = {}
+        self.check_write_positions()
         self.prepare_preservation()
         self.prepare_neighbours()
         self.start_block_input_cache()
@@ -1144,6 +1216,30 @@ class DepthFirstFT(FineTuneEditor):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
         self._done = {tuple(k) if isinstance(k, list) else k for k in checkpoint.get("lit_edit_done", [])}
+
+
+def write_spans(tokenizer: Any, request: EditRequest, where: str) -> list[tuple[int, Optional[int]]]:
+    """Token ranges ``[start, end)`` of ``request``'s row (its encoded prompt,
+    :func:`~lit_edit.data.tokenize.encode_prompt`, chat template included, then its target) where
+    ``write_positions=where`` lets the edit be written: the subject's tokens (``"subject"``), those
+    and every position from the prompt's end on (``"subject_answer"``, ``end`` ``None``), or the
+    subject's last token (``"fact_token"``). A clear :class:`~lit_edit.data.request.RecordError`
+    when the subject is missing or not in the prompt."""
+    if where not in WRITE_POSITIONS or where == "all":
+        raise ValueError(f"where must be one of {list(WRITE_POSITIONS[1:])}, got {where!r}")
+    start, end = subject_span(request)
+    fmt = prompt_format(tokenizer)
+    text = fmt.wrap(request.prompt)
+    shift = text.find(request.prompt)
+    if shift < 0:
+        raise RecordError(request.case_id, "prompt", "is not kept verbatim by the chat template; write_positions needs it")
+    last = fact_token_index(tokenizer, text, shift + end, add_special_tokens=fmt.add_special_tokens)
+    if where == "fact_token":
+        return [(last, last + 1)]
+    first = fact_token_index(tokenizer, text, shift + start + 1, add_special_tokens=fmt.add_special_tokens)
+    if where == "subject":
+        return [(first, last + 1)]
+    return [(first, last + 1), (len(encode_prompt(tokenizer, request.prompt)), None)]
 
 
 def _refuse_tied(model: nn.Module, selected: dict[str, nn.Parameter]) -> None:
