@@ -84,13 +84,14 @@ def test_gradient_comes_from_the_span_only(tokenizer, requests, where):
     torch.testing.assert_close(every, full_grad, rtol=1e-5, atol=1e-7)
 
 
-def _fit(ed, requests, epochs=10):
+def _fit(ed, requests, epochs=10, **data):
     import lightning as L
 
     from lit_edit.data import EditDataModule
 
+    data.setdefault("batch_size", 8)
     L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-              enable_model_summary=False, max_epochs=epochs).fit(ed, datamodule=EditDataModule(requests=requests, batch_size=8))
+              enable_model_summary=False, max_epochs=epochs).fit(ed, datamodule=EditDataModule(requests=requests, **data))
 
 
 def test_locft_write_positions_edit_through_the_subject(tokenizer, requests):
@@ -112,4 +113,12 @@ def test_write_positions_refusals(tiny_llama, tokenizer, requests):
     w0 = ed.model.get_submodule(GATE).weight.detach().clone()
     with pytest.raises(ValueError, match="not in a block below the last one"):
         _fit(ed, requests)
+    assert torch.equal(ed.model.get_submodule(GATE).weight, w0)
+    # a request without its subject in the prompt, last in the data: refused before the first step
+    ed = LocFTBF(model=make_tiny_llama(len(tokenizer), layers=3), tokenizer=tokenizer, target_modules=["mlp.gate_proj"],
+                 layers_to_transform=[1], lr=1e-2, min_loss=0.0, write_positions="subject")
+    w0 = ed.model.get_submodule(GATE).weight.detach().clone()
+    bad = EditRequest(prompt="Who founded the company?", target_new="Jobs", case_id="no-subject")
+    with pytest.raises(RecordError, match="no-subject.*subject"):
+        _fit(ed, [*requests, bad], batch_size=1, shuffle=False)  # three steps would come before it
     assert torch.equal(ed.model.get_submodule(GATE).weight, w0)

@@ -502,7 +502,9 @@ class FineTuneEditor(Editor):
     def check_write_positions(self) -> None:
         """With ``write_positions`` other than ``all``, refuse before any work a tuned tensor that
         is no weight of a module inside a block below the last one (there the subject's
-        positions have no path to the answer's), and LoRA adapters."""
+        positions have no path to the answer's), LoRA adapters, and (with an
+        :class:`~lit_edit.data.EditDataModule`) a request whose subject is missing or not in its
+        prompt."""
         where = self.hparams.get("write_positions", "all")
         if where == "all":
             return
@@ -516,6 +518,11 @@ class FineTuneEditor(Editor):
                     f"write_positions={where!r} writes the edit through the subject's positions, which reach the answer "
                     f"only through the blocks above; {name!r} is not in a block below the last one (block {self.num_layers - 1})"
                 )
+        datamodule = getattr(getattr(self, "_trainer", None), "datamodule", None)
+        load = getattr(datamodule, "load", None)
+        if callable(load):  # every request's subject located before the first step (a RecordError naming the record)
+            for r in load():
+                write_spans(self.tokenizer, r, where)
 
     def edit_loss(self, requests: list[EditRequest]) -> torch.Tensor:
         """Per-request loss under this editor's settings (shape ``(B,)``)."""
