@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from lit_edit.closed_form.hooks import StopForward, run_until_stopped
-from lit_edit.closed_form.tokens import fact_token_index
+from lit_edit.closed_form.tokens import subject_tokens
 from lit_edit.data.request import EditRequest
 from lit_edit.data.tokenize import encode_prompt, encode_target, pad_rows
 from lit_edit.losses import PreservationTerm, ft_loss, preservation_loss
@@ -498,11 +498,9 @@ class NeighbourKeys:
                 rows.append((encode_prompt(tokenizer, prompt) + target)[:-1])
                 skip.append((0, 0))
             if self.own != "none" and r.subject and r.subject in r.prompt:
-                at = r.prompt.find(r.subject)
-                first = fact_token_index(tokenizer, r.prompt, at + 1)
-                last = fact_token_index(tokenizer, r.prompt, at + len(r.subject))
+                first, end = subject_tokens(tokenizer, r)  # the positions of the row as encode_prompt writes it
                 rows.append((encode_prompt(tokenizer, r.prompt) + target)[:-1])
-                skip.append((first if self.own == "subject" else last, last + 1))
+                skip.append((first if self.own == "subject" else end - 1, end))
         if not rows:
             return
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -27,6 +27,19 @@ def test_write_spans_find_the_subject_tokens(tokenizer, requests):
         assert write_spans(tokenizer, r, "subject_answer") == [(a, b), (len(ids), None)]
 
 
+def test_subject_tokens_inside_a_chat_template(tokenizer, requests):
+    from lit_edit.closed_form.tokens import subject_tokens
+    from lit_edit.data.chat import chat_format
+
+    fmt = chat_format(tokenizer, "always")
+    assert fmt.offset > 0
+    for r in requests:
+        ids = tokenizer(fmt.wrap(r.prompt), add_special_tokens=fmt.add_special_tokens)["input_ids"]
+        first, end = subject_tokens(tokenizer, r, fmt)
+        assert tokenizer.decode(ids[first:end]).strip() == r.subject
+        assert first > subject_tokens(tokenizer, r)[0]  # after the template's own tokens
+
+
 def test_write_span_refuses_a_missing_subject(tokenizer):
     r = EditRequest(prompt="The capital of France is", subject="Germany", target_new="Lyon", case_id=7)
     with pytest.raises(RecordError, match="subject"):

@@ -47,6 +47,7 @@ __all__ = [
     "fact_token_index",
     "sample_templates",
     "subject_span",
+    "subject_tokens",
 ]
 
 
@@ -63,6 +64,19 @@ def subject_span(request: EditRequest, prompt: Optional[str] = None) -> tuple[in
     if start < 0:
         raise RecordError(request.case_id, "subject", f"{subject!r} does not occur in prompt {prompt!r}")
     return start, start + len(subject)
+
+
+def subject_tokens(tokenizer: Any, request: EditRequest, fmt: Optional[PromptFormat] = None) -> tuple[int, int]:
+    """Token range ``[first, last + 1)`` of the subject's first occurrence in ``request``'s prompt
+    as the model reads it (:func:`lit_edit.data.tokenize.encode_prompt`: raw, or inside the chat
+    template of ``fmt``, default the tokenizer's); ``last`` is the fact token. A
+    :class:`~lit_edit.data.request.RecordError` when the subject is missing or not in the prompt."""
+    fmt = prompt_format(tokenizer, fmt)
+    start, end = subject_span(request)
+    text = fmt.wrap(request.prompt)
+    first = fact_token_index(tokenizer, text, fmt.offset + start + 1, add_special_tokens=fmt.add_special_tokens)
+    last = fact_token_index(tokenizer, text, fmt.offset + end, add_special_tokens=fmt.add_special_tokens)
+    return first, last + 1
 
 
 def fact_token_index(

@@ -72,10 +72,9 @@ import torch
 from torch import nn
 from typing_extensions import override
 
-from lit_edit.closed_form.tokens import fact_token_index, subject_span
+from lit_edit.closed_form.tokens import subject_tokens
 from lit_edit.config_hub import hub_defaults, hub_settings
-from lit_edit.data.chat import prompt_format
-from lit_edit.data.request import EditRequest, RecordError
+from lit_edit.data.request import EditRequest
 from lit_edit.data.tokenize import encode_prompt
 from lit_edit.distributed import all_reduce_sum, rank_and_world_size
 from lit_edit.editors.base import Editor
@@ -310,6 +309,8 @@ class FineTuneEditor(Editor):
         self.optimizer_steps = 0
         #: tensor name -> its preservation term (C, W₀ as (out, in), tr(W₀ C W₀ᵀ)), filled when fitting starts.
         self._preserve: dict[str, PreservationTerm] = {}
+        #: (prompt, subject, write_positions) -> the request's write spans, filled during a fit.
+        self._spans: dict[tuple, list[tuple[int, Optional[int]]]] = {}
         #: The hidden states entering the lowest tuned block during a fit (``None`` when not used).
         self.block_inputs: Optional[BlockInputCache] = None
         #: Relation-neighbour prompts and their unedited targets (``None`` when ``neighbour_kl`` is 0).
@@ -506,6 +507,7 @@ class FineTuneEditor(Editor):
         :class:`~lit_edit.data.EditDataModule`) a request whose subject is missing or not in its
         prompt."""
         where = self.hparams.get("write_positions", "all")
+        self._spans: dict[tuple, list[tuple[int, Optional[int]]]] = {}
         if where == "all":
             return
         if self.hparams.get("lora_rank"):
@@ -522,14 +524,21 @@ class FineTuneEditor(Editor):
         load = getattr(datamodule, "load", None)
         if callable(load):  # every request's subject located before the first step (a RecordError naming the record)
             for r in load():
-                write_spans(self.tokenizer, r, where)
+                self._write_spans_of(r, where)
+
+    def _write_spans_of(self, request: EditRequest, where: str) -> list[tuple[int, Optional[int]]]:
+        """:func:`write_spans` of ``request``, computed once per fit."""
+        key = (request.prompt, request.subject, where)
+        if key not in self._spans:
+            self._spans[key] = write_spans(self.tokenizer, request, where)
+        return self._spans[key]
 
     def edit_loss(self, requests: list[EditRequest]) -> torch.Tensor:
         """Per-request loss under this editor's settings (shape ``(B,)``)."""
         where = self.hparams.get("write_positions", "all")
         spans, modules = None, ()
         if where != "all":
-            spans = [write_spans(self.tokenizer, r, where) for r in requests]
+            spans = [self._write_spans_of(r, where) for r in requests]
             modules = [self.model.get_submodule(name.rsplit(".", 1)[0]) for name in self._trainable]
         return ft_loss(
             self.model, self.tokenizer, requests, self.hparams["loss"], self.hparams["append_eos"], self.block_inputs,
@@ -1231,22 +1240,15 @@ def write_spans(tokenizer: Any, request: EditRequest, where: str) -> list[tuple[
     ``write_positions=where`` lets the edit be written: the subject's tokens (``"subject"``), those
     and every position from the prompt's end on (``"subject_answer"``, ``end`` ``None``), or the
     subject's last token (``"fact_token"``). A clear :class:`~lit_edit.data.request.RecordError`
-    when the subject is missing or not in the prompt."""
+    when the subject is missing or not in the prompt (:func:`~lit_edit.closed_form.tokens.subject_tokens`)."""
     if where not in WRITE_POSITIONS or where == "all":
         raise ValueError(f"where must be one of {list(WRITE_POSITIONS[1:])}, got {where!r}")
-    start, end = subject_span(request)
-    fmt = prompt_format(tokenizer)
-    text = fmt.wrap(request.prompt)
-    shift = text.find(request.prompt)
-    if shift < 0:
-        raise RecordError(request.case_id, "prompt", "is not kept verbatim by the chat template; write_positions needs it")
-    last = fact_token_index(tokenizer, text, shift + end, add_special_tokens=fmt.add_special_tokens)
+    first, end = subject_tokens(tokenizer, request)
     if where == "fact_token":
-        return [(last, last + 1)]
-    first = fact_token_index(tokenizer, text, shift + start + 1, add_special_tokens=fmt.add_special_tokens)
+        return [(end - 1, end)]
     if where == "subject":
-        return [(first, last + 1)]
-    return [(first, last + 1), (len(encode_prompt(tokenizer, request.prompt)), None)]
+        return [(first, end)]
+    return [(first, end), (len(encode_prompt(tokenizer, request.prompt)), None)]
 
 
 def _refuse_tied(model: nn.Module, selected: dict[str, nn.Parameter]) -> None:
