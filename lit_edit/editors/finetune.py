@@ -799,14 +799,26 @@ class LocFTBF(FineTuneEditor):
     fell by at least the fraction ``extend_min_drop`` from the epoch before; otherwise it stops
     there. A small data set whose loss is still falling at E gets the epochs it needs; one that
     has converged or plateaued stops as before. ``extend_epochs=0`` (default) is the published
-    fixed budget. A budget in steps (``max_epochs=-1``) is not extended.
+    fixed budget. A budget in steps (``max_epochs=-1``) is not extended. With
+    ``extend_patience=P`` the test is against the lowest epoch loss so far rather than the
+    epoch before: the fit goes on while one of the last P epochs fell at least
+    ``extend_min_drop`` below the best loss before it, so a single noisy epoch does not end a
+    fit that is still learning (P = 1: an epoch that does not fall that far ends it).
+
+    **Best epoch.** ``keep_best=True`` keeps, per round, a copy of the tuned tensors after the
+    epoch with the lowest mean edit loss; when the round ends on a later epoch whose loss is
+    higher (a loss spike, or the epochs of patience that found nothing better), those tensors are
+    put back before the round's edits are announced, evaluated or kept. The copy is the size
+    of the tuned tensors and travels in checkpoints.
 
     Args:
         round_size: requests per round (``None`` = all requests in one round).
         accumulate: keep each round's edit (``True``) or restore the weights after it.
         extend_epochs: most epochs added to ``max_epochs`` (per round) while the loss still falls.
-        extend_min_drop: the relative fall of the epoch mean loss, from one epoch to the next,
-            that counts as still falling (0.05 = 5%).
+        extend_min_drop: the relative fall of the epoch mean loss, below the best epoch before
+            it, that counts as still falling (0.05 = 5%).
+        extend_patience: epochs in a row without such a fall after which an extended fit stops.
+        keep_best: end each round with the tensors of its lowest-loss epoch.
         *args, **kwargs: as :class:`FineTuneEditor`.
     """
 
@@ -820,12 +832,16 @@ class LocFTBF(FineTuneEditor):
         accumulate: bool = True,
         extend_epochs: int = 0,
         extend_min_drop: float = 0.05,
+        extend_patience: int = 1,
+        keep_best: bool = False,
         **kwargs: Any,
     ):
         check_int("round_size", round_size, minimum=1, allow_none=True)
         check_bool("accumulate", accumulate)
         check_int("extend_epochs", extend_epochs, minimum=0)
         check_real("extend_min_drop", extend_min_drop, minimum=0)
+        check_int("extend_patience", extend_patience, minimum=1)
+        check_bool("keep_best", keep_best)
         if extend_min_drop >= 1:
             raise ValueError(f"extend_min_drop is a relative fall of the loss, below 1 (e.g. 0.05); got {extend_min_drop}")
         super().__init__(*args, **kwargs)
@@ -850,6 +866,12 @@ class LocFTBF(FineTuneEditor):
         self._last_epoch_loss = float("nan")
         self._end_reason = "end of fit"
         self._base_epochs: Optional[int] = None  # the Trainer's max_epochs before any extension
+        # the current round's lowest epoch loss, its epoch (1-based within the round), the epochs
+        # since the loss last fell extend_min_drop below the best before it, and (keep_best) its tensors
+        self._best_loss = float("inf")
+        self._best_epoch = 0
+        self._since_fall = 0
+        self._best_state: Optional[dict[str, torch.Tensor]] = None
         #: One entry per round the last fit finished: ``round``, ``rounds``, ``requests``,
         #: ``epochs``, ``loss`` (the last epoch's mean), ``stopped`` (``min_loss`` / ``epochs`` / ``end of fit``), ``kept``.
         self.round_history: list[dict[str, Any]] = []
@@ -945,6 +967,15 @@ class LocFTBF(FineTuneEditor):
             "round": self._round + 1, "rounds": self._num_rounds, "requests": len(chunk), "epochs": self._round_epochs,
             "loss": loss, "stopped": stopped, "kept": keep,
         }
+        if self.hparams.get("keep_best"):
+            entry["best_epoch"], entry["best_loss"] = self._best_epoch, self._best_loss
+            if self._best_state is not None and self._best_epoch != self._round_epochs and self._best_loss < loss:
+                with torch.no_grad():
+                    for name, value in self._best_state.items():
+                        self._trainable[name].copy_(value.to(self._trainable[name].device))
+                log.info("LocFT-BF round %d/%d: back to epoch %d's tensors (loss %.4f; the last epoch's %.4f)",
+                         self._round + 1, self._num_rounds, self._best_epoch, self._best_loss, loss)
+        self._reset_best()
         self.round_history.append(entry)
         log.info(
             "LocFT-BF round %d/%d done: %d requests, %d epoch(s), final loss %.4f (stopped: %s); edits %s",
@@ -981,6 +1012,7 @@ class LocFTBF(FineTuneEditor):
             self._epoch_loss, self._epoch_count, self._epoch_open = 0.0, 0, False
             self._last_epoch_loss = float("nan")
             self.round_history = []
+            self._reset_best()
         self._end_reason = "end of fit"
         self._round_seen = {}
         self._resuming = False
@@ -1053,9 +1085,8 @@ class LocFTBF(FineTuneEditor):
         self.log("train/epoch_loss", mean, prog_bar=True, on_epoch=True, sync_dist=True)  # equal on every process already
         self._epoch_open = False
         self._round_epochs += 1
-        previous, self._last_epoch_loss = self._last_epoch_loss, mean
-        if self._round_epochs == 1:
-            previous = float("nan")  # a round's first epoch has no previous one to compare with
+        self._last_epoch_loss = mean
+        self._track_best(mean)
         converged = mean < self.hparams["min_loss"]
         if self._num_rounds <= 1:
             log.info("epoch %d: mean loss %.4f over %d requests", self.current_epoch, mean, self._epoch_count)
@@ -1065,7 +1096,7 @@ class LocFTBF(FineTuneEditor):
                 self._end_reason = "min_loss"
             budget = self._base_epochs if self._base_epochs is not None else self.trainer.max_epochs
             out_of_budget = budget is not None and budget > 0 and self.current_epoch + 1 >= budget
-            if out_of_budget and not converged and self._extends(self.current_epoch + 1, budget, mean, previous):
+            if out_of_budget and not converged and self._extends(self.current_epoch + 1, budget, mean):
                 out_of_budget = False
             elif out_of_budget and not converged and self.current_epoch + 1 > budget:
                 self._end_reason = "loss no longer falling"
@@ -1081,22 +1112,38 @@ class LocFTBF(FineTuneEditor):
             log.info("round %d mean loss %.4g < %.2g: the round stops early", self._round + 1, mean, self.hparams["min_loss"])
             self._close_round(mean, "min_loss")
         elif self._epochs_per_round is not None and self._round_epochs >= self._epochs_per_round:
-            if not self._extends(self._round_epochs, self._epochs_per_round, mean, previous):
+            if not self._extends(self._round_epochs, self._epochs_per_round, mean):
                 extended = self._round_epochs > self._epochs_per_round
                 self._close_round(mean, "loss no longer falling" if extended else "epochs")
 
-    def _extends(self, done: int, budget: int, mean: float, previous: float) -> bool:
+    def _reset_best(self) -> None:
+        self._best_loss, self._best_epoch, self._since_fall, self._best_state = float("inf"), 0, 0, None
+
+    def _track_best(self, mean: float) -> None:
+        """After an epoch of the current round: count the epochs since the loss last fell
+        ``extend_min_drop`` below the best before it, and (``keep_best``) copy a new best's tensors."""
+        drop = float(self.hparams["extend_min_drop"])
+        if self._round_epochs > 1 and not mean <= self._best_loss * (1 - drop):  # NaN counts as no fall
+            self._since_fall += 1
+        else:
+            self._since_fall = 0
+        if mean < self._best_loss:
+            self._best_loss, self._best_epoch = mean, self._round_epochs
+            if self.hparams.get("keep_best"):
+                self._best_state = self.snapshot_trainable()
+
+    def _extends(self, done: int, budget: int, mean: float) -> bool:
         """Whether a fit (or round) that has run ``done`` >= ``budget`` epochs goes on: epochs of
-        ``extend_epochs`` left and the mean loss fell by ``extend_min_drop`` or more (relative)."""
+        ``extend_epochs`` left, and one of the last ``extend_patience`` epochs fell by
+        ``extend_min_drop`` or more (relative) below the best loss before it."""
         extend = int(self.hparams.get("extend_epochs") or 0)
-        if done >= budget + extend:
+        if done >= budget + extend or done < 2:
             return False
-        if not (previous == previous) or previous <= 0:  # NaN: no previous epoch
-            return False
-        fell = (previous - mean) / previous
-        if fell >= float(self.hparams["extend_min_drop"]):
-            log.info("epoch budget %d reached but the loss fell %.1f%% (%.4f -> %.4f): one more epoch (%d of %d extra)",
-                     budget, 100 * fell, previous, mean, done - budget + 1, extend)
+        patience = int(self.hparams.get("extend_patience") or 1)
+        if self._since_fall < patience:
+            log.info("epoch budget %d reached, loss %.4f (best %.4f at epoch %d, %d epoch(s) since a %.1f%% fall): "
+                     "one more epoch (%d of %d extra)", budget, mean, self._best_loss, self._best_epoch, self._since_fall,
+                     100 * float(self.hparams["extend_min_drop"]), done - budget + 1, extend)
             return True
         return False
 
@@ -1111,6 +1158,8 @@ class LocFTBF(FineTuneEditor):
             "accumulate": bool(self.hparams["accumulate"]), "epochs_per_round": self._epochs_per_round,
             "history": [dict(h) for h in self.round_history], "epoch_open": self._epoch_open,
             "epoch_loss": self._epoch_loss, "epoch_count": self._epoch_count, "last_epoch_loss": self._last_epoch_loss,
+            "best_loss": self._best_loss, "best_epoch": self._best_epoch, "since_fall": self._since_fall,
+            "best_state": None if self._best_state is None else {k: v.detach().cpu().clone() for k, v in self._best_state.items()},
         }
 
     @override
@@ -1139,6 +1188,9 @@ class LocFTBF(FineTuneEditor):
         self._round_epochs = int(state["round_epochs"])
         self.round_history = [dict(h) for h in state.get("history", [])]
         self._last_epoch_loss = float(state.get("last_epoch_loss", float("nan")))
+        self._best_loss = float(state.get("best_loss", float("inf")))
+        self._best_epoch, self._since_fall = int(state.get("best_epoch", 0)), int(state.get("since_fall", 0))
+        self._best_state = state.get("best_state")
         if state.get("epoch_open"):  # saved mid-epoch: the epoch goes on with its loss so far
             self._epoch_loss, self._epoch_count = float(state["epoch_loss"]), int(state["epoch_count"])
         else:
