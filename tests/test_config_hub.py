@@ -116,6 +116,13 @@ def test_every_hub_key_is_an_argument_its_editor_leaves_to_the_hub(path):
     cls = editor_class(path.stem)
     params = _init_params(cls)
     for key, value in data.items():
+        if key == "at_subject" and path.stem in ("locft_bf", "depth_first_ft") and path.parent.name != hub.DEFAULTS:
+            # the location and lr for writes at the subject's tokens (FineTuneEditor.hub_settings)
+            assert isinstance(value, dict) and value and set(value) <= {"target_modules", "layers_to_transform", "lr"}, (
+                f"{path}: at_subject holds target_modules, layers_to_transform and lr only, got {value!r}")
+            for sub, v in value.items():
+                assert _matches(v, params[sub][1]), f"{path}: at_subject.{sub} = {v!r} is not a {params[sub][1]}"
+            continue
         assert key in params, f"{path}: {key!r} is not an argument of {cls.__name__}"
         default, hint = params[key][0].default, params[key][1]
         if dataclasses.is_dataclass(default):
@@ -215,6 +222,12 @@ def test_smollm2_resolves_to_its_hub_values(tokenizer, name, caplog):
             assert ft.default_location() == {"target_modules": ["mlp.gate_proj"], "layers_to_transform": [4]}
             assert ft.learning_rate == 2e-3
             assert set(ft.masked_parameters()) == {"model.layers.4.mlp.gate_proj.weight"}
+            # writes at the subject's tokens take the file's at_subject location (LocFT-BF's file has one)
+            for where in ("subject", "subject_answer") if cls is LocFTBF else ():
+                ft = cls(model=model, tokenizer=tokenizer, write_positions=where)
+                assert ft.default_location() == {"target_modules": ["mlp.gate_proj"], "layers_to_transform": [3, 4, 5]}
+                assert ft.learning_rate == 2e-3
+                assert set(ft.masked_parameters()) == {f"model.layers.{i}.mlp.gate_proj.weight" for i in (3, 4, 5)}
     assert "location_sweep" not in caplog.text
 
 

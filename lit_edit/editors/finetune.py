@@ -326,9 +326,17 @@ class FineTuneEditor(Editor):
     hub_key: ClassVar[str] = "locft_bf"
 
     def hub_settings(self) -> dict[str, Any]:
-        """This editor's config hub settings for the loaded model (generic defaults merged with its file)."""
+        """This editor's config hub settings for the loaded model (generic defaults merged with its file).
+
+        A model's file may hold a group ``at_subject`` (``target_modules``, ``layers_to_transform``,
+        ``lr``): the location and lr measured for writes at the subject's tokens. It replaces the
+        file's own location and lr when ``write_positions`` is not ``all``."""
         if getattr(self, "_hub", None) is None:
-            self._hub = hub_settings(self.model, self.hub_key)
+            hub = hub_settings(self.model, self.hub_key)
+            at_subject = hub.pop("at_subject", None)
+            if at_subject and self.hparams.get("write_positions", "all") != "all":
+                hub.update({k: v for k, v in at_subject.items() if v is not None})
+            self._hub = hub
         return self._hub
 
     def default_location(self) -> dict[str, Any]:
