@@ -468,3 +468,15 @@ def test_locality_spill_groups_and_figures_match_hand_values():
     assert got["all"]["NS_before"] == pytest.approx(200 / 3) and got["all"]["NS_after"] == pytest.approx(100 / 3)
     assert "same template, shares a subject word" not in got  # empty groups are left out
     assert "| all | 3 | 66.7 → 33.3 |" in spill.table(got)
+
+
+def test_perturbed_rise_with_writes_at_the_subject_is_warned(tiny_llama, tokenizer, subjects_file, caplog):
+    import logging
+
+    kw = {"neighbour_rise": 1.0, "neighbour_subjects": subjects_file, "layers_to_transform": [0]}
+    with caplog.at_level(logging.WARNING, logger="lit_edit.editors.finetune"):
+        editor(tiny_llama, tokenizer, write_positions="subject", neighbour_choice="random", **kw).prepare_neighbours()
+        editor(tiny_llama, tokenizer, write_positions="all", neighbour_choice="perturbed", **kw).prepare_neighbours()
+        assert "neighbour_choice=perturbed" not in caplog.text
+        editor(tiny_llama, tokenizer, write_positions="subject", neighbour_choice="perturbed", **kw).prepare_neighbours()
+    assert "neighbour_choice=perturbed and write_positions=subject" in caplog.text

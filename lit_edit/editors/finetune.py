@@ -654,6 +654,12 @@ class FineTuneEditor(Editor):
             self.neighbour_rise = NeighbourRise(neighbours)
             log.info("target-rise term: %d prompts per request, %s subjects from %s (%d)",
                      neighbours.prompts, choice, self.hparams["neighbour_subjects"], len(neighbours.subjects))
+            if choice == "perturbed" and self.hparams.get("write_positions", "all") != "all":
+                log.warning(
+                    "neighbour_rise with neighbour_choice=perturbed and write_positions=%s: a subject with one word swapped "
+                    "shares most of the positions the edit is written at, so the term works against the edit itself "
+                    "(measured: the edits not learned, perplexity +43%% or more, docs/results.md §12.6); "
+                    "neighbour_choice=random is the measured choice", self.hparams["write_positions"])
         if use_keys:
             for name in self._trainable:
                 self._block_module(name)  # a clear error before any work for a tensor that is no linear weight
