@@ -810,14 +810,13 @@ class LocFTBF(FineTuneEditor):
     **Budget extension.** ``extend_epochs=X`` lets a fit (or each round) run past the Trainer's
     ``max_epochs`` E while it is still learning: after epoch E, and after every later epoch up
     to E + X, training goes on only if the epoch's mean edit loss is still above ``min_loss`` and
-    fell by at least the fraction ``extend_min_drop`` from the epoch before; otherwise it stops
-    there. A small data set whose loss is still falling at E gets the epochs it needs; one that
+    fell by at least the fraction ``extend_min_drop`` below the lowest epoch loss before it;
+    otherwise it stops there. A small data set whose loss is still falling at E gets the epochs it needs; one that
     has converged or plateaued stops as before. ``extend_epochs=0`` (default) is the published
     fixed budget. A budget in steps (``max_epochs=-1``) is not extended. With
-    ``extend_patience=P`` the test is against the lowest epoch loss so far rather than the
-    epoch before: the fit goes on while one of the last P epochs fell at least
-    ``extend_min_drop`` below the best loss before it, so a single noisy epoch does not end a
-    fit that is still learning (P = 1: an epoch that does not fall that far ends it).
+    ``extend_patience=P`` the fit goes on while one of the last P epochs fell that far, so a
+    single noisy epoch does not end a fit that is still learning (P = 1, the default: the first
+    epoch that does not fall that far ends it).
 
     **Best epoch.** ``keep_best=True`` keeps, per round, a copy of the tuned tensors after the
     epoch with the lowest mean edit loss; when the round ends on a later epoch whose loss is
