@@ -418,15 +418,19 @@ class NeighbourRise:
 
     @torch.no_grad()
     def fill(self, model: nn.Module, tokenizer: Any, requests: Sequence[EditRequest], block_inputs: Any = None) -> None:
-        """Read ``n₀`` for ``requests`` under ``model`` as it is now (call with the unedited weights)."""
+        """Read ``n₀`` for ``requests`` under ``model`` as it is now (call with the unedited weights),
+        in one pass over every neighbour prompt of ``requests``."""
+        per_request = []
         for r in requests:
             prompts = self.neighbours.prompts_for(model, tokenizer, r)
-            if not prompts:
-                self._rows[_request_key(r)] = None
-                continue
-            rows = [EditRequest(prompt=p, target_new=r.target_new, case_id=r.case_id) for p in prompts]
-            nll = ft_loss(model, tokenizer, rows, "ft_m", append_eos=False, block_inputs=block_inputs, group_by_length=True)
-            self._rows[_request_key(r)] = (rows, nll.detach().float())
+            per_request.append([EditRequest(prompt=p, target_new=r.target_new, case_id=r.case_id) for p in prompts])
+        flat = [row for rows in per_request for row in rows]
+        nll = (ft_loss(model, tokenizer, flat, "ft_m", append_eos=False, block_inputs=block_inputs, group_by_length=True)
+               .detach().float() if flat else None)
+        at = 0
+        for r, rows in zip(requests, per_request):
+            self._rows[_request_key(r)] = (rows, nll[at:at + len(rows)]) if rows else None
+            at += len(rows)
 
     def loss(self, model: nn.Module, tokenizer: Any, requests: Sequence[EditRequest], block_inputs: Any = None) -> Optional[torch.Tensor]:
         """The mean hinge over the neighbours of ``requests`` (``None`` when none of them has any)."""

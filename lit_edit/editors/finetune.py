@@ -515,7 +515,7 @@ class FineTuneEditor(Editor):
         :class:`~lit_edit.data.EditDataModule`) a request whose subject is missing or not in its
         prompt."""
         where = self.hparams.get("write_positions", "all")
-        self._spans: dict[tuple, list[tuple[int, Optional[int]]]] = {}
+        self._spans = {}  # spans of this fit only
         if where == "all":
             return
         if self.hparams.get("lora_rank"):
@@ -686,8 +686,8 @@ class FineTuneEditor(Editor):
 
     @torch.no_grad()
     def fill_neighbours(self, requests: list[EditRequest]) -> None:
-        """The unedited model's targets (``neighbour_kl``) and keys (``neighbour_keys``) on the
-        neighbours of those of ``requests`` not seen yet, read with the tuned tensors put back to
+        """The unedited model's targets (``neighbour_kl``), new-target scores (``neighbour_rise``) and
+        keys (``neighbour_keys``) on the neighbours of those of ``requests`` not seen yet, read with the tuned tensors put back to
         their originals for the pass. Call it before a step's forward pass: the pass changes the
         tuned tensors in place, which a graph holding them cannot survive."""
         kl = self.neighbours.missing(requests) if self.neighbours is not None else []
@@ -1143,7 +1143,12 @@ class LocFTBF(FineTuneEditor):
         if mean < self._best_loss:
             self._best_loss, self._best_epoch = mean, self._round_epochs
             if self.hparams.get("keep_best"):
-                self._best_state = self.snapshot_trainable()
+                if self._best_state is None:
+                    self._best_state = self.snapshot_trainable()
+                else:  # the copy's buffers are reused from one best epoch to the next
+                    with torch.no_grad():
+                        for name, value in self._best_state.items():
+                            value.copy_(self._trainable[name])
 
     def _extends(self, done: int, budget: int, mean: float) -> bool:
         """Whether a fit (or round) that has run ``done`` >= ``budget`` epochs goes on: epochs of
