@@ -383,3 +383,21 @@ def test_closed_form_checkpoint_loads(tokenizer, tmp_path, cache):
     assert meta["resolved_settings"]["statistics"]["update_weight"] == 15000.0  # generic: not in the hub
     assert not torch.equal(dict(tiny().named_parameters())[name], edited)
     assert torch.equal(dict(loaded.model.named_parameters())[name], edited)
+
+
+def test_subject_writes_on_a_location_measured_for_all_positions_warn(tokenizer, caplog):
+    """Llama-3-8B's fine-tuning file has no ``at_subject`` group: writes at the subject keep its
+    location and say that it was measured for writes everywhere."""
+    from transformers import LlamaForCausalLM
+
+    from lit_edit.editors import LocFTBF
+
+    spec = yaml.safe_load((hub.HUB_DIR / "llama-3-8b" / "model.yaml").read_text())
+    with torch.device("meta"):
+        model = LlamaForCausalLM(_config(spec["signature"], "meta-llama/Meta-Llama-3-8B")).eval()
+    location = {"target_modules": ["mlp.down_proj"], "layers_to_transform": [22]}
+    with caplog.at_level(logging.WARNING):
+        assert LocFTBF(model=model, tokenizer=tokenizer).default_location() == location
+        assert "location_sweep" not in caplog.text  # written everywhere: the file's own location, no warning
+        assert LocFTBF(model=model, tokenizer=tokenizer, write_positions="subject").default_location() == location
+    assert "measured for edits written at every position" in caplog.text and "write_positions='subject'" in caplog.text

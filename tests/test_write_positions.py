@@ -132,6 +132,7 @@ def test_write_positions_refusals(tiny_llama, tokenizer, requests):
                  layers_to_transform=[1], lr=1e-2, min_loss=0.0, write_positions="subject")
     w0 = ed.model.get_submodule(GATE).weight.detach().clone()
     bad = EditRequest(prompt="Who founded the company?", target_new="Jobs", case_id="no-subject")
-    with pytest.raises(RecordError, match="no-subject.*subject"):
+    with pytest.raises(RecordError, match="no-subject.*subject") as refused:
         _fit(ed, [*requests, bad], batch_size=1, shuffle=False)  # three steps would come before it
+    assert refused.value.record == "no-subject" and "write_positions='all'" in str(refused.value)  # the way out
     assert torch.equal(ed.model.get_submodule(GATE).weight, w0)

@@ -74,7 +74,7 @@ from typing_extensions import override
 
 from lit_edit.closed_form.tokens import subject_tokens
 from lit_edit.config_hub import hub_defaults, hub_settings
-from lit_edit.data.request import EditRequest
+from lit_edit.data.request import EditRequest, RecordError
 from lit_edit.data.tokenize import encode_prompt
 from lit_edit.distributed import all_reduce_sum, rank_and_world_size
 from lit_edit.editors.base import Editor
@@ -334,6 +334,7 @@ class FineTuneEditor(Editor):
         if getattr(self, "_hub", None) is None:
             hub = hub_settings(self.model, self.hub_key)
             at_subject = hub.pop("at_subject", None)
+            self._hub_at_subject = bool(at_subject)
             if at_subject and self.hparams.get("write_positions", "all") != "all":
                 hub.update({k: v for k, v in at_subject.items() if v is not None})
             self._hub = hub
@@ -348,6 +349,13 @@ class FineTuneEditor(Editor):
                 "(run recipes/location_sweep.py to choose one)", self.model.config.model_type, self.num_layers, layer,
             )
             return {"target_modules": [self.arch.mlp_out], "layers_to_transform": [layer]}
+        where = self.hparams.get("write_positions", "all")
+        if where != "all" and not self._hub_at_subject:
+            log.warning(
+                "the config hub's tuning location for %s was measured for edits written at every position; with "
+                "write_positions=%r it is used as is (choose one with recipes/location_sweep.py --model.write_positions %s, "
+                "or pass write_positions='all')", self.model.config.model_type, where, where,
+            )
         return {k: hub[k] for k in ("target_modules", "layers_to_transform") if hub.get(k) is not None}
 
     @property
@@ -532,7 +540,13 @@ class FineTuneEditor(Editor):
         load = getattr(datamodule, "load", None)
         if callable(load):  # every request's subject located before the first step (a RecordError naming the record)
             for r in load():
-                self._write_spans_of(r, where)
+                try:
+                    self._write_spans_of(r, where)
+                except RecordError as e:
+                    raise RecordError(
+                        e.record, e.field, f"{e.problem} (write_positions={where!r} writes the edit at the subject's tokens; "
+                        "write_positions='all' edits requests without a subject)"
+                    ) from e
 
     def _write_spans_of(self, request: EditRequest, where: str) -> list[tuple[int, Optional[int]]]:
         """:func:`write_spans` of ``request``, computed once per fit."""
