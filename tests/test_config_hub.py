@@ -399,5 +399,7 @@ def test_subject_writes_on_a_location_measured_for_all_positions_warn(tokenizer,
     with caplog.at_level(logging.WARNING):
         assert LocFTBF(model=model, tokenizer=tokenizer).default_location() == location
         assert "location_sweep" not in caplog.text  # written everywhere: the file's own location, no warning
-        assert LocFTBF(model=model, tokenizer=tokenizer, write_positions="subject").default_location() == location
+        subject = LocFTBF(model=model, tokenizer=tokenizer, write_positions="subject")
+        assert subject.default_location() == subject.default_location() == location
     assert "measured for edits written at every position" in caplog.text and "write_positions='subject'" in caplog.text
+    assert caplog.text.count("measured for edits written at every position") == 1  # said once per editor

@@ -350,7 +350,8 @@ class FineTuneEditor(Editor):
             )
             return {"target_modules": [self.arch.mlp_out], "layers_to_transform": [layer]}
         where = self.hparams.get("write_positions", "all")
-        if where != "all" and not self._hub_at_subject:
+        if where != "all" and not self._hub_at_subject and not getattr(self, "_location_warned", False):
+            self._location_warned = True  # once per editor, however often the mask is resolved
             log.warning(
                 "the config hub's tuning location for %s was measured for edits written at every position; with "
                 "write_positions=%r it is used as is (choose one with recipes/location_sweep.py --model.write_positions %s, "
