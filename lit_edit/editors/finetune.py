@@ -330,13 +330,20 @@ class FineTuneEditor(Editor):
 
         A model's file may hold a group ``at_subject`` (``target_modules``, ``layers_to_transform``,
         ``lr``): the location and lr measured for writes at the subject's tokens. It replaces the
-        file's own location and lr when ``write_positions`` is not ``all``."""
-        if getattr(self, "_hub", None) is None:
+        file's own location and lr when ``write_positions`` is not ``all``; a file without it
+        keeps its location for such writes, with a warning."""
+        if getattr(self, "_hub", None) is None:  # read once per editor, so its warning is said once
             hub = hub_settings(self.model, self.hub_key)
             at_subject = hub.pop("at_subject", None)
-            self._hub_at_subject = bool(at_subject)
-            if at_subject and self.hparams.get("write_positions", "all") != "all":
+            where = self.hparams.get("write_positions", "all")
+            if at_subject and where != "all":
                 hub.update({k: v for k, v in at_subject.items() if v is not None})
+            elif where != "all" and hub.get("target_modules") is not None:
+                log.warning(
+                    "the config hub's tuning location for %s was measured for edits written at every position; with "
+                    "write_positions=%r it is used as is (choose one with recipes/location_sweep.py --model.write_positions %s, "
+                    "or pass write_positions='all')", self.model.config.model_type, where, where,
+                )
             self._hub = hub
         return self._hub
 
@@ -349,14 +356,6 @@ class FineTuneEditor(Editor):
                 "(run recipes/location_sweep.py to choose one)", self.model.config.model_type, self.num_layers, layer,
             )
             return {"target_modules": [self.arch.mlp_out], "layers_to_transform": [layer]}
-        where = self.hparams.get("write_positions", "all")
-        if where != "all" and not self._hub_at_subject and not getattr(self, "_location_warned", False):
-            self._location_warned = True  # once per editor, however often the mask is resolved
-            log.warning(
-                "the config hub's tuning location for %s was measured for edits written at every position; with "
-                "write_positions=%r it is used as is (choose one with recipes/location_sweep.py --model.write_positions %s, "
-                "or pass write_positions='all')", self.model.config.model_type, where, where,
-            )
         return {k: hub[k] for k in ("target_modules", "layers_to_transform") if hub.get(k) is not None}
 
     @property
@@ -541,19 +540,19 @@ class FineTuneEditor(Editor):
         load = getattr(datamodule, "load", None)
         if callable(load):  # every request's subject located before the first step (a RecordError naming the record)
             for r in load():
-                try:
-                    self._write_spans_of(r, where)
-                except RecordError as e:
-                    raise RecordError(
-                        e.record, e.field, f"{e.problem} (write_positions={where!r} writes the edit at the subject's tokens; "
-                        "write_positions='all' edits requests without a subject)"
-                    ) from e
+                self._write_spans_of(r, where)
 
     def _write_spans_of(self, request: EditRequest, where: str) -> list[tuple[int, Optional[int]]]:
         """:func:`write_spans` of ``request``, computed once per fit."""
         key = (request.prompt, request.subject, where)
         if key not in self._spans:
-            self._spans[key] = write_spans(self.tokenizer, request, where)
+            try:
+                self._spans[key] = write_spans(self.tokenizer, request, where)
+            except RecordError as e:  # the record and field as found, and the way to edit such data
+                raise RecordError(
+                    e.record, e.field, f"{e.problem} (write_positions={where!r} writes the edit at the subject's tokens; "
+                    "write_positions='all' edits requests without a subject)"
+                ) from e
         return self._spans[key]
 
     def edit_loss(self, requests: list[EditRequest]) -> torch.Tensor:
