@@ -132,7 +132,7 @@ def test_locft_bf_under_ddp_with_one_rank_below_min_loss(setup_dir, tmp_path, to
 
 def test_locft_bf_subject_writes_with_rise_and_best_epoch_under_ddp(setup_dir, tmp_path):
     """LocFT-BF with the edit written at the subject's tokens, the target-rise term, preservation
-    and the budget extension with the lowest-loss epoch kept, under DDP: the ranks hold identical
+    and the budget extension with the lowest-loss epoch kept and the lr decayed on plateaus, under DDP: the ranks hold identical
     tensors, equal to one process that sees each mini-batch whole."""
     subjects = tmp_path / "subjects.txt"
     subjects.write_text("Berlin Wall\nMount Fuji\nLouvre\nBig Ben\nNiagara Falls\n")
@@ -140,7 +140,7 @@ def test_locft_bf_subject_writes_with_rise_and_best_epoch_under_ddp(setup_dir, t
         "target_modules": ["mlp.down_proj"], "layers_to_transform": [1], "lr": 1e-2, "min_loss": 0.0,
         "write_positions": "subject", "neighbour_rise": 1.0, "neighbour_prompts": 2, "neighbour_subjects": str(subjects),
         "preservation": 5.0, "preservation_texts": 20, "preservation_corpus": str(setup_dir / "corpus.txt"),
-        "extend_epochs": 3, "extend_min_drop": 0.01, "extend_patience": 2, "keep_best": True,
+        "extend_epochs": 3, "extend_min_drop": 0.01, "extend_patience": 2, "keep_best": True, "plateau_lr_decay": 0.5,
     }
     common = {"editor_args": editor_args, "trainer_args": {"max_epochs": 2}}
     home = tmp_path / "home"
@@ -148,6 +148,8 @@ def test_locft_bf_subject_writes_with_rise_and_best_epoch_under_ddp(setup_dir, t
     ddp = run_worker(setup_dir, tmp_path / "ddp", "LocFTBF", 2, home, data_args={"batch_size": 2, "shuffle": False}, **common)
     assert_ranks_agree_and_match(ddp, single, atol=1e-5)
     assert ddp[0]["optimizer_steps"] == ddp[1]["optimizer_steps"] == single[0]["optimizer_steps"] >= 2
+    # two epochs without a 1% fall halved the lr twice, on every rank alike
+    assert ddp[0]["lr"] == ddp[1]["lr"] == single[0]["lr"] == pytest.approx(1e-2 / 4)
     from safetensors.torch import load_file
 
     original = load_file(setup_dir / "model" / "model.safetensors")["model.layers.1.mlp.down_proj.weight"]

@@ -125,12 +125,50 @@ def test_best_epoch_state_travels_in_checkpoints(tokenizer, requests):
     assert torch.equal(other._best_state[NAME], ed._best_state[NAME])
 
 
+class Rates(L.Callback):
+    """The optimizer's learning rate at the start of every epoch."""
+
+    def __init__(self):
+        self.rates: list[float] = []
+
+    def on_train_epoch_start(self, trainer, ed):
+        self.rates.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+def test_plateau_lr_decay_halves_the_rate_after_epochs_that_do_not_fall(tokenizer, requests):
+    # no epoch falls by 99% below the best before it: every epoch after the first halves the rate
+    ed = editor(tokenizer, lr=4e-3, extend_min_drop=0.99, plateau_lr_decay=0.5)
+    rates = Rates()
+    L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+              max_epochs=4, callbacks=[rates]).fit(ed, datamodule=EditDataModule(requests=list(requests), batch_size=1, shuffle=False))
+    assert rates.rates == pytest.approx([4e-3, 4e-3, 2e-3, 1e-3])
+    # the same fit at a constant rate moves the tensor further in its last epoch than the decayed one
+    plain = editor(tokenizer, lr=4e-3, extend_min_drop=0.99)
+    seen_plain, seen = fit(plain, requests, epochs=4), fit(editor(tokenizer, lr=4e-3, extend_min_drop=0.99, plateau_lr_decay=0.5), requests, 4)
+    assert torch.equal(seen_plain.tensors[1], seen.tensors[1])  # identical until the first decay
+    last = (seen.tensors[3] - seen.tensors[2]).abs().max()
+    last_plain = (seen_plain.tensors[3] - seen_plain.tensors[2]).abs().max()
+    assert 0 < last < 0.6 * last_plain
+
+
+def test_plateau_lr_decay_starts_each_round_at_the_base_rate(tokenizer, requests):
+    ed = editor(tokenizer, lr=4e-3, extend_min_drop=0.99, plateau_lr_decay=0.5, round_size=2)
+    rates = Rates()
+    L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+              max_epochs=3, callbacks=[rates]).fit(ed, datamodule=EditDataModule(requests=list(requests), batch_size=1, shuffle=False))
+    assert len(ed.round_history) == 2
+    assert rates.rates == pytest.approx([4e-3, 4e-3, 2e-3] * 2)
+
+
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
         ({"extend_patience": 0}, ValueError, "extend_patience must be >= 1"),
         ({"extend_patience": 1.5}, TypeError, "extend_patience"),
         ({"keep_best": "yes"}, TypeError, "keep_best"),
+        ({"plateau_lr_decay": 0.0}, ValueError, "plateau_lr_decay is a factor"),
+        ({"plateau_lr_decay": 1.5}, ValueError, "plateau_lr_decay is a factor"),
+        ({"plateau_lr_decay": "half"}, TypeError, "plateau_lr_decay"),
     ],
 )
 def test_stopping_options_are_checked(tokenizer, kwargs, error, match):

@@ -838,6 +838,13 @@ class LocFTBF(FineTuneEditor):
     put back before the round's edits are announced, evaluated or kept. The copy is the size
     of the tuned tensors and travels in checkpoints.
 
+    **Learning rate on a plateau.** ``plateau_lr_decay=f`` (below 1) multiplies the learning rate
+    by ``f`` after every epoch whose mean edit loss did not fall ``extend_min_drop`` below the
+    best epoch before it (the epochs that ``extend_patience`` counts). A fit whose loss has
+    settled into an oscillation at the constant rate, typically one held back by a strong
+    ``preservation`` term, takes smaller steps and settles lower instead of stopping there.
+    Each round starts at ``lr`` again; ``1.0`` (default) keeps the rate constant, as published.
+
     Args:
         round_size: requests per round (``None`` = all requests in one round).
         accumulate: keep each round's edit (``True``) or restore the weights after it.
@@ -846,6 +853,8 @@ class LocFTBF(FineTuneEditor):
             it, that counts as still falling (0.05 = 5%).
         extend_patience: epochs in a row without such a fall after which an extended fit stops.
         keep_best: end each round with the tensors of its lowest-loss epoch.
+        plateau_lr_decay: factor on the learning rate after each epoch without such a fall
+            (1.0 = a constant rate).
         *args, **kwargs: as :class:`FineTuneEditor`.
     """
 
@@ -861,6 +870,7 @@ class LocFTBF(FineTuneEditor):
         extend_min_drop: float = 0.05,
         extend_patience: int = 1,
         keep_best: bool = False,
+        plateau_lr_decay: float = 1.0,
         **kwargs: Any,
     ):
         check_int("round_size", round_size, minimum=1, allow_none=True)
@@ -869,6 +879,9 @@ class LocFTBF(FineTuneEditor):
         check_real("extend_min_drop", extend_min_drop, minimum=0)
         check_int("extend_patience", extend_patience, minimum=1)
         check_bool("keep_best", keep_best)
+        check_real("plateau_lr_decay", plateau_lr_decay, minimum=0)
+        if not 0 < plateau_lr_decay <= 1:
+            raise ValueError(f"plateau_lr_decay is a factor on the learning rate in (0, 1] (1 = constant); got {plateau_lr_decay}")
         if extend_min_drop >= 1:
             raise ValueError(f"extend_min_drop is a relative fall of the loss, below 1 (e.g. 0.05); got {extend_min_drop}")
         super().__init__(*args, **kwargs)
@@ -1020,7 +1033,10 @@ class LocFTBF(FineTuneEditor):
         if self._round >= self._num_rounds:
             self.trainer.should_stop = True
             return
-        self.optimizers().optimizer.state.clear()  # the next round starts from a fresh Adam state
+        optimizer = self.optimizers().optimizer
+        optimizer.state.clear()  # the next round starts from a fresh Adam state, at the base learning rate
+        for group in optimizer.param_groups:
+            group["lr"] = self.learning_rate
         if self.block_inputs is not None:  # the next round's requests are others: start an empty cache
             self.stop_block_input_cache()
             self.start_block_input_cache()
@@ -1114,6 +1130,7 @@ class LocFTBF(FineTuneEditor):
         self._round_epochs += 1
         self._last_epoch_loss = mean
         self._track_best(mean)
+        self._decay_on_plateau(mean)
         converged = mean < self.hparams["min_loss"]
         if self._num_rounds <= 1:
             log.info("epoch %d: mean loss %.4f over %d requests", self.current_epoch, mean, self._epoch_count)
@@ -1163,6 +1180,19 @@ class LocFTBF(FineTuneEditor):
                     with torch.no_grad():
                         for name, value in self._best_state.items():
                             value.copy_(self._trainable[name])
+
+    def _decay_on_plateau(self, mean: float) -> None:
+        """``plateau_lr_decay`` < 1: after an epoch that did not fall ``extend_min_drop`` below the
+        best before it, multiply the learning rate by that factor (the loss is the same on every
+        process, so every process decays alike)."""
+        factor = float(self.hparams.get("plateau_lr_decay", 1.0))
+        if factor >= 1 or self._since_fall == 0:
+            return
+        optimizer = self.optimizers().optimizer
+        for group in optimizer.param_groups:
+            group["lr"] *= factor
+        log.info("epoch loss %.4f, no %.1f%% fall below the best %.4f: learning rate now %.3g",
+                 mean, 100 * float(self.hparams["extend_min_drop"]), self._best_loss, optimizer.param_groups[0]["lr"])
 
     def _extends(self, done: int, budget: int, mean: float) -> bool:
         """Whether a fit (or round) that has run ``done`` >= ``budget`` epochs goes on: epochs of
