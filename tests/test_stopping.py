@@ -160,14 +160,33 @@ def test_plateau_lr_decay_starts_each_round_at_the_base_rate(tokenizer, requests
     assert rates.rates == pytest.approx([4e-3, 4e-3, 2e-3] * 2)
 
 
+def test_a_resumed_fit_goes_on_at_the_decayed_rate(tokenizer, requests, tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def fit_4(rates, ckpt_path=None):
+        ed = editor(tokenizer, lr=4e-3, extend_min_drop=0.99, plateau_lr_decay=0.5)
+        saver = ModelCheckpoint(dirpath=tmp_path, filename="{epoch}", save_top_k=-1, every_n_epochs=1)
+        L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False, max_epochs=4,
+                  default_root_dir=tmp_path, callbacks=[rates, saver]).fit(
+            ed, datamodule=EditDataModule(requests=list(requests), batch_size=1, shuffle=False), ckpt_path=ckpt_path)
+        return ed
+
+    whole, resumed = Rates(), Rates()
+    uninterrupted = weight(fit_4(whole)).clone()
+    ed = fit_4(resumed, ckpt_path=str(tmp_path / "epoch=1.ckpt"))  # as if killed after epoch 2, whose loss decayed the lr
+    assert whole.rates == pytest.approx([4e-3, 4e-3, 2e-3, 1e-3])
+    assert resumed.rates == pytest.approx(whole.rates[2:])
+    assert torch.equal(weight(ed), uninterrupted)
+
+
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
         ({"extend_patience": 0}, ValueError, "extend_patience must be >= 1"),
         ({"extend_patience": 1.5}, TypeError, "extend_patience"),
         ({"keep_best": "yes"}, TypeError, "keep_best"),
-        ({"plateau_lr_decay": 0.0}, ValueError, "plateau_lr_decay is a factor"),
-        ({"plateau_lr_decay": 1.5}, ValueError, "plateau_lr_decay is a factor"),
+        ({"plateau_lr_decay": 0.0}, ValueError, r"plateau_lr_decay \(a factor.*must be > 0"),
+        ({"plateau_lr_decay": 1.5}, ValueError, r"plateau_lr_decay \(a factor.*must be <= 1"),
         ({"plateau_lr_decay": "half"}, TypeError, "plateau_lr_decay"),
     ],
 )

@@ -843,7 +843,10 @@ class LocFTBF(FineTuneEditor):
     best epoch before it (the epochs that ``extend_patience`` counts). A fit whose loss has
     settled into an oscillation at the constant rate, typically one held back by a strong
     ``preservation`` term, takes smaller steps and settles lower instead of stopping there.
-    Each round starts at ``lr`` again; ``1.0`` (default) keeps the rate constant, as published.
+    It acts from a round's second epoch on, not only in the extension, and the rate never
+    rises again within the round: choose an ``extend_min_drop`` that a fit still learning clears
+    every epoch. Each round starts at ``lr`` again; a resumed fit goes on at the checkpoint's
+    rate; ``1.0`` (default) keeps the rate constant, as published.
 
     Args:
         round_size: requests per round (``None`` = all requests in one round).
@@ -879,9 +882,7 @@ class LocFTBF(FineTuneEditor):
         check_real("extend_min_drop", extend_min_drop, minimum=0)
         check_int("extend_patience", extend_patience, minimum=1)
         check_bool("keep_best", keep_best)
-        check_real("plateau_lr_decay", plateau_lr_decay, minimum=0)
-        if not 0 < plateau_lr_decay <= 1:
-            raise ValueError(f"plateau_lr_decay is a factor on the learning rate in (0, 1] (1 = constant); got {plateau_lr_decay}")
+        check_real("plateau_lr_decay (a factor on the learning rate; 1 = constant)", plateau_lr_decay, minimum=0, exclusive=True, maximum=1)
         if extend_min_drop >= 1:
             raise ValueError(f"extend_min_drop is a relative fall of the loss, below 1 (e.g. 0.05); got {extend_min_drop}")
         super().__init__(*args, **kwargs)
@@ -1129,8 +1130,9 @@ class LocFTBF(FineTuneEditor):
         self._epoch_open = False
         self._round_epochs += 1
         self._last_epoch_loss = mean
+        best_before = self._best_loss
         self._track_best(mean)
-        self._decay_on_plateau(mean)
+        self._decay_on_plateau(mean, best_before)
         converged = mean < self.hparams["min_loss"]
         if self._num_rounds <= 1:
             log.info("epoch %d: mean loss %.4f over %d requests", self.current_epoch, mean, self._epoch_count)
@@ -1181,7 +1183,7 @@ class LocFTBF(FineTuneEditor):
                         for name, value in self._best_state.items():
                             value.copy_(self._trainable[name])
 
-    def _decay_on_plateau(self, mean: float) -> None:
+    def _decay_on_plateau(self, mean: float, best_before: float) -> None:
         """``plateau_lr_decay`` < 1: after an epoch that did not fall ``extend_min_drop`` below the
         best before it, multiply the learning rate by that factor (the loss is the same on every
         process, so every process decays alike)."""
@@ -1191,8 +1193,8 @@ class LocFTBF(FineTuneEditor):
         optimizer = self.optimizers().optimizer
         for group in optimizer.param_groups:
             group["lr"] *= factor
-        log.info("epoch loss %.4f, no %.1f%% fall below the best %.4f: learning rate now %.3g",
-                 mean, 100 * float(self.hparams["extend_min_drop"]), self._best_loss, optimizer.param_groups[0]["lr"])
+        log.info("epoch loss %.4f, no %.1f%% fall below the best before it (%.4f): learning rate now %.3g",
+                 mean, 100 * float(self.hparams["extend_min_drop"]), best_before, optimizer.param_groups[0]["lr"])
 
     def _extends(self, done: int, budget: int, mean: float) -> bool:
         """Whether a fit (or round) that has run ``done`` >= ``budget`` epochs goes on: epochs of
