@@ -66,7 +66,7 @@ def main(spec_path: str) -> None:
         "world_size": trainer.world_size,
         "hashes": {k: tensor_sha256(v) for k, v in tensors.items()},
         "optimizer_steps": getattr(editor, "optimizer_steps", None),
-        "lr": trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else None,
+        "lr": next((g["lr"] for o in trainer.optimizers for g in o.param_groups), None),  # closed-form editors: none
         "before": callbacks[0].before if callbacks else None,
         "after": callbacks[0].after if callbacks else None,
     }

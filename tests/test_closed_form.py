@@ -341,7 +341,6 @@ BEFORE_STOP = {
     "nll": [10.8346529006958, 11.032617568969727],
     "loss": [146.14605712890625, 92.08576202392578],
     "delta_norm": [0.05912290345512639, 0.09870083967018238],
-    "delta_sum": [0.11845636507496238, -0.09867906756699085],
 }
 
 
@@ -442,8 +441,10 @@ def test_stop_off_is_bit_identical_to_default_and_to_before(tokenizer):
     assert torch.allclose(default.nll.double(), torch.tensor(BEFORE_STOP["nll"], dtype=torch.float64), **close)
     assert torch.allclose(default.loss.double(), torch.tensor(BEFORE_STOP["loss"], dtype=torch.float64), **close)
     d = default.delta.double()
+    # The norm, not the entries' signs: three Adam steps move every entry by about ±lr whatever its
+    # gradient's size, so an entry whose gradient is near 0 takes the sign that the CPU's float
+    # kernels give it, and a signed sum of the entries differs between machines.
     assert torch.allclose(d.norm(dim=1), torch.tensor(BEFORE_STOP["delta_norm"], dtype=torch.float64), **close)
-    assert torch.allclose(d.sum(dim=1), torch.tensor(BEFORE_STOP["delta_sum"], dtype=torch.float64), rtol=1e-4, atol=1e-6)
     assert default.steps.tolist() == [2, 2]
 
 
