@@ -36,23 +36,36 @@ def editor(tok, dips=None, **kw):
 
 
 class EpochTensors(L.Callback):
-    """The tuned tensor and the epoch's mean edit loss after every epoch (before the editor's own
-    epoch-end rule, which may close the round and put other tensors back)."""
+    """The learning rate at the start of every epoch; the tuned tensor and the epoch's mean edit
+    loss after it (before the editor's own epoch-end rule, which may close the round and put
+    other tensors back)."""
 
     def __init__(self):
+        self.rates: list[float] = []
         self.tensors: list[torch.Tensor] = []
         self.losses: list[float] = []
+
+    def on_train_epoch_start(self, trainer, ed):
+        self.rates.append(trainer.optimizers[0].param_groups[0]["lr"])
 
     def on_train_epoch_end(self, trainer, ed):
         self.tensors.append(dict(ed.model.named_parameters())[NAME].detach().clone())
         self.losses.append(ed._epoch_loss / ed._epoch_count)
 
 
-def fit(ed, requests, epochs, round_size=None):
+def fit(ed, requests, epochs, checkpoints=None, ckpt_path=None):
+    """Fit ``ed`` on ``requests`` in order; ``checkpoints``: a folder to save every epoch in
+    (``epoch=N.ckpt``); ``ckpt_path``: a checkpoint to resume from."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
     seen = EpochTensors()
-    L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-              num_sanity_val_steps=0, max_epochs=epochs, callbacks=[seen]).fit(
-        ed, datamodule=EditDataModule(requests=list(requests), batch_size=1, shuffle=False))
+    callbacks = [seen]
+    if checkpoints is not None:
+        callbacks.append(ModelCheckpoint(dirpath=checkpoints, filename="{epoch}", save_top_k=-1, every_n_epochs=1))
+    L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=checkpoints is not None, enable_progress_bar=False,
+              enable_model_summary=False, num_sanity_val_steps=0, max_epochs=epochs, default_root_dir=checkpoints,
+              callbacks=callbacks).fit(
+        ed, datamodule=EditDataModule(requests=list(requests), batch_size=1, shuffle=False), ckpt_path=ckpt_path)
     return seen
 
 
@@ -125,26 +138,19 @@ def test_best_epoch_state_travels_in_checkpoints(tokenizer, requests):
     assert torch.equal(other._best_state[NAME], ed._best_state[NAME])
 
 
-class Rates(L.Callback):
-    """The optimizer's learning rate at the start of every epoch."""
-
-    def __init__(self):
-        self.rates: list[float] = []
-
-    def on_train_epoch_start(self, trainer, ed):
-        self.rates.append(trainer.optimizers[0].param_groups[0]["lr"])
-
-
-def test_plateau_lr_decay_halves_the_rate_after_epochs_that_do_not_fall(tokenizer, requests):
+def test_plateau_lr_decay_halves_the_rate_after_epochs_that_do_not_fall(tokenizer, requests, caplog):
     # no epoch falls by 99% below the best before it: every epoch after the first halves the rate
-    ed = editor(tokenizer, lr=4e-3, extend_min_drop=0.99, plateau_lr_decay=0.5)
-    rates = Rates()
-    L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-              max_epochs=4, callbacks=[rates]).fit(ed, datamodule=EditDataModule(requests=list(requests), batch_size=1, shuffle=False))
-    assert rates.rates == pytest.approx([4e-3, 4e-3, 2e-3, 1e-3])
+    with caplog.at_level("INFO", logger="lit_edit.editors.finetune"):
+        seen = fit(editor(tokenizer, lr=4e-3, extend_min_drop=0.99, plateau_lr_decay=0.5), requests, epochs=4)
+    assert seen.rates == pytest.approx([4e-3, 4e-3, 2e-3, 1e-3])
+    # each decay is logged right after the loss line of the epoch that caused it
+    lines = [r.getMessage() for r in caplog.records if "mean loss" in r.getMessage() or "learning rate now" in r.getMessage()]
+    assert lines[0].startswith("epoch 0: mean loss") and lines[1].startswith("epoch 1: mean loss")
+    assert lines[2].startswith("no 99.0% fall in the epoch loss for 1 epoch(s)")
+    assert lines[2].endswith("learning rate now 0.002")
     # the same fit at a constant rate moves the tensor further in its last epoch than the decayed one
-    plain = editor(tokenizer, lr=4e-3, extend_min_drop=0.99)
-    seen_plain, seen = fit(plain, requests, epochs=4), fit(editor(tokenizer, lr=4e-3, extend_min_drop=0.99, plateau_lr_decay=0.5), requests, 4)
+    seen_plain = fit(editor(tokenizer, lr=4e-3, extend_min_drop=0.99), requests, epochs=4)
+    assert seen_plain.rates == pytest.approx([4e-3] * 4)
     assert torch.equal(seen_plain.tensors[1], seen.tensors[1])  # identical until the first decay
     last = (seen.tensors[3] - seen.tensors[2]).abs().max()
     last_plain = (seen_plain.tensors[3] - seen_plain.tensors[2]).abs().max()
@@ -153,30 +159,22 @@ def test_plateau_lr_decay_halves_the_rate_after_epochs_that_do_not_fall(tokenize
 
 def test_plateau_lr_decay_starts_each_round_at_the_base_rate(tokenizer, requests):
     ed = editor(tokenizer, lr=4e-3, extend_min_drop=0.99, plateau_lr_decay=0.5, round_size=2)
-    rates = Rates()
-    L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-              max_epochs=3, callbacks=[rates]).fit(ed, datamodule=EditDataModule(requests=list(requests), batch_size=1, shuffle=False))
+    seen = fit(ed, requests, epochs=3)
     assert len(ed.round_history) == 2
-    assert rates.rates == pytest.approx([4e-3, 4e-3, 2e-3] * 2)
+    assert seen.rates == pytest.approx([4e-3, 4e-3, 2e-3] * 2)
 
 
 def test_a_resumed_fit_goes_on_at_the_decayed_rate(tokenizer, requests, tmp_path):
-    from lightning.pytorch.callbacks import ModelCheckpoint
+    def edit():
+        return editor(tokenizer, lr=4e-3, extend_min_drop=0.99, plateau_lr_decay=0.5)
 
-    def fit_4(rates, ckpt_path=None):
-        ed = editor(tokenizer, lr=4e-3, extend_min_drop=0.99, plateau_lr_decay=0.5)
-        saver = ModelCheckpoint(dirpath=tmp_path, filename="{epoch}", save_top_k=-1, every_n_epochs=1)
-        L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False, max_epochs=4,
-                  default_root_dir=tmp_path, callbacks=[rates, saver]).fit(
-            ed, datamodule=EditDataModule(requests=list(requests), batch_size=1, shuffle=False), ckpt_path=ckpt_path)
-        return ed
-
-    whole, resumed = Rates(), Rates()
-    uninterrupted = weight(fit_4(whole)).clone()
-    ed = fit_4(resumed, ckpt_path=str(tmp_path / "epoch=1.ckpt"))  # as if killed after epoch 2, whose loss decayed the lr
+    whole_ed = edit()
+    whole = fit(whole_ed, requests, epochs=4, checkpoints=tmp_path)
+    ed = edit()  # as if killed after epoch 2, whose loss decayed the lr
+    resumed = fit(ed, requests, epochs=4, checkpoints=tmp_path, ckpt_path=str(tmp_path / "epoch=1.ckpt"))
     assert whole.rates == pytest.approx([4e-3, 4e-3, 2e-3, 1e-3])
     assert resumed.rates == pytest.approx(whole.rates[2:])
-    assert torch.equal(weight(ed), uninterrupted)
+    assert torch.equal(weight(ed), weight(whole_ed))
 
 
 @pytest.mark.parametrize(

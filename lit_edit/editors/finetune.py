@@ -1130,12 +1130,12 @@ class LocFTBF(FineTuneEditor):
         self._epoch_open = False
         self._round_epochs += 1
         self._last_epoch_loss = mean
-        best_before = self._best_loss
         self._track_best(mean)
-        self._decay_on_plateau(mean, best_before)
+        decayed = self._decay_on_plateau()
         converged = mean < self.hparams["min_loss"]
         if self._num_rounds <= 1:
             log.info("epoch %d: mean loss %.4f over %d requests", self.current_epoch, mean, self._epoch_count)
+            self._log_decay(decayed)
             if converged:
                 log.info("epoch %d mean loss %.4g < %.2g: stopping early", self.current_epoch, mean, self.hparams["min_loss"])
                 self.trainer.should_stop = True
@@ -1153,6 +1153,7 @@ class LocFTBF(FineTuneEditor):
             return
         log.info("round %d/%d, epoch %d: mean loss %.4f over %d requests", self._round + 1, self._num_rounds,
                  self._round_epochs, mean, self._epoch_count)
+        self._log_decay(decayed)
         self.log("train/round", float(self._round + 1), on_epoch=True, sync_dist=False)
         if converged:
             log.info("round %d mean loss %.4g < %.2g: the round stops early", self._round + 1, mean, self.hparams["min_loss"])
@@ -1183,18 +1184,22 @@ class LocFTBF(FineTuneEditor):
                         for name, value in self._best_state.items():
                             value.copy_(self._trainable[name])
 
-    def _decay_on_plateau(self, mean: float, best_before: float) -> None:
+    def _decay_on_plateau(self) -> float | None:
         """``plateau_lr_decay`` < 1: after an epoch that did not fall ``extend_min_drop`` below the
-        best before it, multiply the learning rate by that factor (the loss is the same on every
-        process, so every process decays alike)."""
+        best before it, multiply the learning rate by that factor and return the new rate (the loss
+        is the same on every process, so every process decays alike); else None."""
         factor = float(self.hparams.get("plateau_lr_decay", 1.0))
         if factor >= 1 or self._since_fall == 0:
-            return
+            return None
         optimizer = self.optimizers().optimizer
         for group in optimizer.param_groups:
             group["lr"] *= factor
-        log.info("epoch loss %.4f, no %.1f%% fall below the best before it (%.4f): learning rate now %.3g",
-                 mean, 100 * float(self.hparams["extend_min_drop"]), best_before, optimizer.param_groups[0]["lr"])
+        return float(optimizer.param_groups[0]["lr"])
+
+    def _log_decay(self, lr: float | None) -> None:
+        if lr is not None:
+            log.info("no %.1f%% fall in the epoch loss for %d epoch(s) (best %.4f at epoch %d): learning rate now %.3g",
+                     100 * float(self.hparams["extend_min_drop"]), self._since_fall, self._best_loss, self._best_epoch, lr)
 
     def _extends(self, done: int, budget: int, mean: float) -> bool:
         """Whether a fit (or round) that has run ``done`` >= ``budget`` epochs goes on: epochs of
