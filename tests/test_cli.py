@@ -23,7 +23,7 @@ def common_args(tmp_path: Path, tiny_dir: Path) -> list[str]:
     return [
         f"--model.model={tiny_dir}",
         "--model.target_modules=[mlp.down_proj]",
-        "--model.layers_to_transform=[1]",
+        "--model.layers_to_transform=[0]",  # below the last block: the recipe writes the edit at the subject's tokens
         "--model.lr=1e-2",
         "--data.limit=3",
         "--trainer.max_epochs=3",
@@ -45,7 +45,7 @@ def test_locft_bf_recipe_runs_end_to_end(tmp_path, tiny_dir, capsys, monkeypatch
     cli = recipe.main(args)
     assert isinstance(cli.model.hparams["lr"], float) and cli.model.hparams["lr"] == 1e-2  # YAML/CLI floats stay floats
     meta = json.loads((tmp_path / "edit" / "edit.json").read_text())
-    assert list(meta["tensors"]) == ["model.layers.1.mlp.down_proj.weight"]
+    assert list(meta["tensors"]) == ["model.layers.0.mlp.down_proj.weight"]
     assert meta["editor"] == "lit_edit.editors.finetune.LocFTBF"
     summaries = list((tmp_path / "logs").rglob("summary.json"))
     assert summaries, "no summary.json written"
@@ -53,7 +53,8 @@ def test_locft_bf_recipe_runs_end_to_end(tmp_path, tiny_dir, capsys, monkeypatch
     assert "gen_em/reliability" in json.dumps(summary) and "ppl/wiki" in json.dumps(summary)
     metrics_csv = list((tmp_path / "logs").rglob("metrics.csv"))
     assert metrics_csv and "train/loss" in metrics_csv[0].read_text()
-    assert cli.model.hparams["preservation"] == 10.0 and "train/preservation" in metrics_csv[0].read_text()
+    assert cli.model.hparams["preservation"] == 30.0 and cli.model.hparams["write_positions"] == "subject"
+    assert "train/preservation" in metrics_csv[0].read_text()
     assert list((tmp_path / "cache" / "stats").glob("*.pt")), "preservation statistics not cached"
     out = capsys.readouterr().out
     assert "before" in out and "after" in out  # the results table

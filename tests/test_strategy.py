@@ -416,7 +416,7 @@ def test_cli_refuses_a_setting_that_contradicts_the_strategy(tmp_path, tiny_dir,
 def test_locft_recipe_in_rounds_records_the_strategy_everywhere(tmp_path, tiny_dir, capsys):
     recipe = load_recipe("locft_bf")
     cli = recipe.main(cli_args(
-        tmp_path, tiny_dir, "--model.target_modules=[mlp.down_proj]", "--model.layers_to_transform=[1]", "--model.lr=1e-2",
+        tmp_path, tiny_dir, "--model.target_modules=[mlp.down_proj]", "--model.layers_to_transform=[0]", "--model.lr=1e-2",
         "--model.preservation=0", "--data.batch_size=1", "--trainer.max_epochs=2",
         "--editing.strategy=sequential_batched", "--editing.batch_size=2",
         "--trainer.callbacks=[{class_path: lit_edit.evaluation.EditEvaluation, init_args: {protocols: [token_accuracy]}}]",
